@@ -1,0 +1,89 @@
+"""`composer build SPEC`: validate, plan and build a composition; record it in the registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.errors import handles_errors
+from cli.output import console, err_console, print_json
+
+
+def _resolver() -> tuple[Any, Any]:
+    """The registry resolver when a registry exists, else local paths only."""
+    from composer.inputs import LocalPathResolver
+    from composer.registry_resolver import RegistryResolver
+    from registry.errors import NotInitialisedError
+    from registry.service import RegistryService
+
+    try:
+        service = RegistryService()
+    except NotInitialisedError:
+        return LocalPathResolver(), None
+    return RegistryResolver(service), service
+
+
+@handles_errors
+def build(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="The YAML composition spec.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (must not exist).")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Validate and print the plan only.")] = False,
+    seed: Annotated[int | None, typer.Option("--seed", help="Overrides the spec's seed.")] = None,
+    record: Annotated[bool, typer.Option(help="Record the build in the registry.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Build a standard Hugging Face checkpoint from a composition spec."""
+    from composer.build import build as run_build
+    from composer.plan import make_plan
+    from composer.spec import load_spec
+
+    spec = load_spec(spec_path)
+    resolver, service = _resolver()
+    if check:
+        plan = make_plan(spec, resolver)
+        if json_out:
+            print_json({"ok": True, "plan": str(plan).splitlines()})
+        else:
+            console.print(str(plan), markup=False, highlight=False)
+        return
+    out_dir = out or Path("out") / (spec.name or spec_path.stem)
+    result = run_build(spec, out_dir, resolver, seed=seed, progress=not json_out)
+    build_id = None
+    if record and service is not None:
+        build_id = service.record_build(
+            name=spec.name,
+            spec_sha256=result.spec_sha256,
+            spec=spec.model_dump(mode="json"),
+            method=result.plan.method if result.plan else spec.method,
+            output_path=str(result.out_dir),
+            inputs=[_input_doc(i) for i in result.inputs],
+            outputs=result.files,
+            metrics={},
+            wall_s=result.wall_s,
+            peak_rss_bytes=result.peak_rss_bytes,
+        )
+    doc = {
+        "build_id": build_id,
+        "out_dir": str(result.out_dir),
+        "spec_sha256": result.spec_sha256,
+        "files": result.files,
+        "wall_s": round(result.wall_s, 3),
+        "peak_rss_bytes": result.peak_rss_bytes,
+    }
+    if json_out:
+        print_json(doc)
+    else:
+        err_console.print(
+            f"built {result.out_dir} in {result.wall_s:.1f} s "
+            f"(peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)"
+            + (f"; registry build #{build_id}" if build_id else "")
+        )
+
+
+def _input_doc(i: Any) -> dict[str, Any]:
+    keys = ("ref", "name", "kind", "registry_id", "version", "sha256", "owner", "policy", "domain")
+    return {k: getattr(i, k) for k in keys}

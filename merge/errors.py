@@ -1,0 +1,7 @@
+"""The one error type merge/ raises for bad input."""
+
+from __future__ import annotations
+
+
+class MergeError(ValueError):
+    """Bad merge input. The message names the tensor, the expert and the parameter at fault."""

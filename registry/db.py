@@ -1,0 +1,116 @@
+"""Engines, sessions and migrations for the registry database (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.errors import NotInitialisedError
+from registry.settings import database_url
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "alembic"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(url: str | None = None) -> Engine:
+    url = url or database_url()
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take the write lock at BEGIN instead
+        # (BEGIN IMMEDIATE) so that concurrent writers queue on busy_timeout, not deadlock.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # let the "begin" listener issue BEGIN itself
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise NotInitialisedError(f"{MIGRATIONS_DIR}: migrations not found (broken install?)")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str | None = None, revision: str = "head") -> str:
+    """Bring the database up to ``revision``; return the revision it is at afterwards."""
+    return _migrate("upgrade", url, revision)
+
+
+def downgrade(url: str | None = None, revision: str = "base") -> str:
+    """Take the database down to ``revision`` (``base``: no registry tables)."""
+    return _migrate("downgrade", url, revision)
+
+
+def _migrate(direction: str, url: str | None, revision: str) -> str:
+    from alembic import command
+
+    url = url or database_url()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config(url)
+            cfg.attributes["connection"] = conn
+            getattr(command, direction)(cfg, revision)
+        return current_revision(engine) or "base"
+    finally:
+        engine.dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision(url: str | None = None) -> str:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config(url or database_url()))
+    return str(script.get_current_head())
+
+
+class Registry:
+    """A handle on one registry database: makes sessions, checks the schema is there."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or database_url()
+        self.engine = make_engine(self.url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def check_initialised(self) -> None:
+        if not inspect(self.engine).has_table("alembic_version"):
+            raise NotInitialisedError(
+                f"registry database {self.engine.url.render_as_string(hide_password=True)} "
+                f"is not initialised: run `composer registry init`"
+            )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any error."""
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()
