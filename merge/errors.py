@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from registry.errors import ComposerError
 
-class MergeError(ValueError):
+
+class MergeError(ComposerError, ValueError):
     """Bad merge input. The message names the tensor, the expert and the parameter at fault."""
