@@ -31,20 +31,22 @@ def build(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output folder (must not exist).")
     ] = None,
-    check: Annotated[bool, typer.Option("--check", help="Validate and print the plan only.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Validate and print the plan only.")
+    ] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides the spec's seed.")] = None,
     record: Annotated[bool, typer.Option(help="Record the build in the registry.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Build a standard Hugging Face checkpoint from a composition spec."""
     from composer.build import build as run_build
-    from composer.plan import make_plan
+    from composer.build import plan_for
     from composer.spec import load_spec
 
     spec = load_spec(spec_path)
     resolver, service = _resolver()
     if check:
-        plan = make_plan(spec, resolver)
+        plan = plan_for(spec, resolver)
         if json_out:
             print_json({"ok": True, "plan": str(plan).splitlines()})
         else:

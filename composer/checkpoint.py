@@ -1,0 +1,210 @@
+"""Lazy, streaming reads of Hugging Face safetensors checkpoints.
+
+Tensors are read one at a time with positioned reads from the file (no mmap), so resident memory
+holds only the tensors a step is using; files are opened on first use, so a damaged shard is
+found when the build reaches the layer stored in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from registry.errors import ComposerError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+INDEX_NAME = "model.safetensors.index.json"
+SKIP_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints store; never weights
+
+
+class CheckpointError(ComposerError):
+    """A checkpoint that cannot be read as expected (missing, truncated or inconsistent)."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed at open, tensors read by offset on request."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"cannot open {self.path}: {e.strerror}") from None
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, 8, 0)
+        if len(raw) < 8:
+            self.close()
+            raise CheckpointError(f"{self.path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 * 2**20:
+            self.close()
+            raise CheckpointError(f"{self.path}: corrupted header (length {n}, file {size} bytes)")
+        try:
+            header: dict[str, Any] = json.loads(os.pread(self._fd, n, 8))
+        except (ValueError, UnicodeDecodeError):
+            self.close()
+            raise CheckpointError(f"{self.path}: corrupted header (not JSON)") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries = header
+        self._data_start = 8 + n
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self._data_start + end > size:
+            self.close()
+            raise CheckpointError(
+                f"{self.path}: truncated ({size} bytes, header promises {self._data_start + end})"
+            )
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        e = self.entries[name]
+        return DTYPES[e["dtype"]], tuple(e["shape"])
+
+    def read_bytes(self, name: str) -> bytes:
+        a, b = self.entries[name]["data_offsets"]
+        data = os.pread(self._fd, b - a, self._data_start + a)
+        if len(data) != b - a:
+            raise CheckpointError(f"{self.path}: short read of {name}")
+        return data
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read straight into a fresh tensor's memory (one copy, no intermediate buffers)."""
+        dtype, shape = self.meta(name)
+        a, b = self.entries[name]["data_offsets"]
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < b - a:
+            n = os.preadv(self._fd, [view[done:]], self._data_start + a + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.path}: short read of {name}")
+            done += n
+        return buf.view(dtype).reshape(shape)
+
+    def same_bytes(self, name: str, other: SafetensorsFile, other_name: str) -> bool:
+        """Bit-identical data and metadata, compared in chunks (memory stays small)."""
+        if self.meta(name) != other.meta(other_name):
+            return False
+        a, b = self.entries[name]["data_offsets"]
+        oa, _ = other.entries[other_name]["data_offsets"]
+        step = 1 << 23
+        for off in range(0, b - a, step):
+            n = min(step, b - a - off)
+            mine = os.pread(self._fd, n, self._data_start + a + off)
+            theirs = os.pread(other._fd, n, other._data_start + oa + off)
+            if mine != theirs or len(mine) != n:
+                return False
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Checkpoint:
+    """A checkpoint folder: config.json plus one or more safetensors shards."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.path}: no config.json")
+        self.config: dict[str, Any] = json.loads(cfg.read_text())
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self._where = dict(weight_map)
+        elif (self.path / "model.safetensors").is_file():
+            self._where = {
+                k: "model.safetensors" for k in _header_keys(self.path / "model.safetensors")
+            }
+        else:
+            raise CheckpointError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+        self._where = {k: v for k, v in self._where.items() if not k.endswith(SKIP_SUFFIXES)}
+        self._files: dict[str, SafetensorsFile] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def keys(self) -> list[str]:  # same as tensor_names(); other modules use this spelling
+        return self.tensor_names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor {name}")
+        fname = self._where[name]
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(self.path / fname)
+        f = self._files[fname]
+        if name not in f.entries:
+            raise CheckpointError(f"{f.path}: index lists {name} but the file lacks it")
+        return f
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return self._file(name).meta(name)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._file(name).read(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._file(name).read_bytes(name)
+
+    def same_bytes(self, name: str, other: Checkpoint) -> bool:
+        return self._file(name).same_bytes(name, other._file(name), name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _header_keys(path: Path) -> list[str]:
+    f = SafetensorsFile(path)
+    try:
+        return f.keys()
+    finally:
+        f.close()
+
+
+def layer_of(name: str) -> int | None:
+    """Layer index of a tensor name like ``model.layers.3.mlp.up_proj.weight``."""
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def is_ffn(name: str) -> bool:
+    return ".mlp." in name

@@ -1,0 +1,25 @@
+"""Errors a build raises; the CLI prints str(error) and exits non-zero."""
+
+from __future__ import annotations
+
+from registry.errors import ComposerError
+
+
+class BuildError(ComposerError):
+    """A build that cannot go ahead (bad inputs, refused consent, failed checks)."""
+
+
+class PlanError(BuildError):
+    """The spec is valid on its own but does not fit its inputs (layers, shapes, files)."""
+
+
+class MethodNotAvailable(BuildError, NotImplementedError):
+    """A method the schema accepts but this version cannot build yet."""
+
+
+class OptedOutError(BuildError):
+    """One or more inputs' owners have opted out of use."""
+
+
+class AnchorMismatchError(BuildError):
+    """A FlexOlmo expert's shared weights differ from the public model's."""

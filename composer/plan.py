@@ -1,0 +1,221 @@
+"""Planner: a validated spec plus resolved inputs -> what the build will do, checked up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from composer.arch import MIXTRAL, OutputArch, output_arch
+from composer.errors import MethodNotAvailable, OptedOutError, PlanError
+from composer.inputs import ResolvedInput, Resolver
+from composer.spec import MoeLayersEvery, Spec, parse_size
+
+PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    detail: str
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    method: str  # "upcycle" | "compose/flexolmo" | "compose/btx"
+    base: ResolvedInput
+    experts: list[ResolvedInput]  # expert inputs (empty for upcycle)
+    expert_names: list[str]  # experts of the output model, in router order
+    arch: OutputArch
+    base_config: dict[str, Any]
+    moe_layers: list[int]
+    dense_layers: list[int]
+    top_k: int
+    norm_topk_prob: bool
+    router_init: str
+    dtype: str
+    max_shard_bytes: int
+    steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def __str__(self) -> str:
+        rows = [
+            ("method", self.method),
+            ("output", f"{self.arch.architecture}, {self.num_experts} experts, top-{self.top_k}"),
+            ("base", _describe(self.base)),
+        ]
+        rows += [(f"expert {i}", n) for i, n in enumerate(self.expert_names)]
+        rows += [(f"input {e.name}", _describe(e)) for e in self.experts]
+        rows += [
+            ("moe layers", _ranges(self.moe_layers) or "none"),
+            ("dense layers", _ranges(self.dense_layers) or "none"),
+            ("router", f"{self.router_init}; renormalise top-k: {self.norm_topk_prob}"),
+            ("dtype", self.dtype),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines.append("steps:")
+        lines += [f"  {i + 1}. {s.name}: {s.detail}" for i, s in enumerate(self.steps)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _describe(r: ResolvedInput) -> str:
+    parts = [r.ref if r.ref == str(r.path) else f"{r.ref} -> {r.path}"]
+    if r.version:
+        parts.append(f"v{r.version}")
+    if r.owner:
+        parts.append(f"owner {r.owner}")
+    if r.policy:
+        parts.append(r.policy)
+    return ", ".join(parts)
+
+
+def _ranges(xs: list[int]) -> str:
+    out: list[str] = []
+    for x in xs:
+        if out and out[-1].split("-")[-1] == str(x - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        else:
+            out.append(str(x))
+    return ",".join(out)
+
+
+def resolve_moe_layers(spec: Spec, num_layers: int) -> list[int]:
+    ml = spec.moe_layers
+    if ml == "all":
+        return list(range(num_layers))
+    if isinstance(ml, MoeLayersEvery):
+        return list(range(ml.offset, num_layers, ml.every))
+    bad = [i for i in ml if i >= num_layers]
+    if bad:
+        raise PlanError(f"moe_layers: layer {bad[0]} out of range (the base has {num_layers})")
+    return sorted(set(ml))
+
+
+def check_consent(inputs: list[ResolvedInput]) -> None:
+    """Refuse every input whose owner opted out, naming all of them in one error."""
+    out = [r for r in inputs if r.policy == "opt_out"]
+    if out:
+        who = ", ".join(f"'{r.name}' (owner {r.owner or 'unknown'})" for r in out)
+        raise OptedOutError(f"refused: the owners of these inputs have opted out: {who}")
+
+
+def make_plan(spec: Spec, resolver: Resolver) -> Plan:
+    """Resolve inputs and check everything that can be checked without reading weights."""
+    if spec.method in ("merge", "moe_merge"):
+        raise MethodNotAvailable(f"method '{spec.method}' is not available yet")
+    base = resolver.resolve(spec.base, role="base")
+    experts = []
+    for entry in spec.experts:
+        r = resolver.resolve(entry.ref, role="expert")
+        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
+    check_consent([base, *experts])
+
+    base_config = json.loads((base.path / "config.json").read_text())
+    try:
+        arch = output_arch(base_config)
+    except Exception as e:
+        raise PlanError(f"base: {e}") from None
+    n_layers = int(base_config["num_hidden_layers"])
+    moe_layers = resolve_moe_layers(spec, n_layers)
+    dense_layers = [i for i in range(n_layers) if i not in moe_layers]
+    method = spec.method if spec.method == "upcycle" else f"compose/{spec.style}"
+
+    if spec.method == "upcycle":
+        n = spec.num_experts or 0
+        names = spec.expert_names or [f"expert{i}" for i in range(n)]
+    elif spec.style == "flexolmo":
+        names = [PUBLIC_EXPERT, *(e.name for e in experts)]
+    else:
+        names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise PlanError(f"experts: duplicate expert names {names}")
+
+    # FlexOlmo does not renormalise top-k weights; Mixtral always does.
+    default_norm = arch is MIXTRAL or spec.style != "flexolmo"
+    norm = spec.norm_topk_prob if spec.norm_topk_prob is not None else default_norm
+    if arch is MIXTRAL and not norm:
+        raise PlanError(
+            "norm_topk_prob: false is not expressible in MixtralForCausalLM, which always "
+            "renormalises the top-k weights (Llama/Mistral bases become Mixtral)"
+        )
+    default_init = {"upcycle": "random", "compose/flexolmo": "domain_embedding"}.get(
+        method, "random"
+    )
+    init = spec.router.init or default_init
+
+    notes: list[str] = []
+    for e in experts:
+        if e.kind == "lora":
+            raise PlanError(f"expert '{e.name}': LoRA experts cannot be composed yet")
+        cfg = json.loads((e.path / "config.json").read_text())
+        for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if cfg.get(k) != base_config.get(k):
+                raise PlanError(
+                    f"expert '{e.name}': {k} is {cfg.get(k)!r}, the base has {base_config.get(k)!r}"
+                )
+        if (
+            init in ("domain_embedding", "trained")
+            and not (e.path / "composer_expert.safetensors").is_file()
+        ):
+            raise PlanError(
+                f"expert '{e.name}' has no composer_expert.safetensors (router init {init!r} "
+                "needs its domain embedding / router row)"
+            )
+    flex_rows = method == "compose/flexolmo" and init in ("domain_embedding", "trained")
+    if flex_rows and not spec.router.public_calibration:
+        notes.append(
+            "no router.public_calibration: the public expert's router row is zero "
+            "(logit 0 for every token)"
+        )
+
+    dtype = spec.output.dtype
+    if dtype == "auto":
+        dtype = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
+
+    steps = [Step("resolve", f"{1 + len(experts)} inputs, consent checked")]
+    if method == "compose/flexolmo":
+        steps.append(Step("verify", "shared weights of every expert bit-identical to the base"))
+    elif experts:
+        steps.append(Step("verify", "experts share the base's tensor names and shapes"))
+    if init in ("hidden_mean",) or spec.router.gating_logit_norm or spec.router.public_calibration:
+        steps.append(Step("calibrate", "FFN inputs of the base model on calibration text"))
+    steps.append(Step("router", f"init {init!r} for {len(moe_layers)} MoE layers"))
+    steps.append(
+        Step(
+            "write",
+            f"{arch.architecture} shards (<= {spec.output.max_shard_size} each), streamed per "
+            "tensor",
+        )
+    )
+    steps.append(Step("finish", "config.json, tokenizer files, composition.json, atomic rename"))
+    if dense_layers:
+        notes.append(
+            f"layers {_ranges(dense_layers)} have no experts: every expert there is a copy of "
+            "the dense FFN with a zero router (exactly the dense function)"
+        )
+    return Plan(
+        spec=spec,
+        method=method,
+        base=base,
+        experts=experts,
+        expert_names=list(names),
+        arch=arch,
+        base_config=base_config,
+        moe_layers=moe_layers,
+        dense_layers=dense_layers,
+        top_k=spec.top_k,
+        norm_topk_prob=norm,
+        router_init=init,
+        dtype=dtype,
+        max_shard_bytes=parse_size(spec.output.max_shard_size),
+        steps=steps,
+        notes=notes,
+    )
