@@ -1,0 +1,397 @@
+"""Builds of ``method: merge`` (one dense model from experts) and ``method: moe_merge`` (an MoE
+with fewer experts): plan, then write atomically like every other build.
+
+Public API (the lead dispatches ``make_plan`` / ``build`` here):
+    plan_merge(spec, resolver) -> MergePlan
+    build_merge(spec, out_dir, resolver, *, seed=None, progress=True) -> BuildResult
+docs/merging.md documents the spec fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from composer.build import BuildResult
+from composer.checkpoint import Checkpoint, CheckpointError
+from composer.errors import BuildError, PlanError
+from composer.inputs import ResolvedInput, Resolver
+from composer.merging_exec import (
+    TOKENIZER_FILES,
+    check_expert_tensors,
+    peak_rss,
+    run_calibrated,
+    run_dense,
+    run_moe_merge,
+)
+from composer.merging_params import (
+    MergeSettings,
+    MoeMergeSettings,
+    parse_merge_parameters,
+    parse_moe_merge_parameters,
+    spec_error,
+)
+from composer.plan import Step, check_consent
+from composer.spec import Spec, SpecError, parse_size
+from merge.errors import MergeError
+
+MANIFEST_NAME = "composition.json"
+MANIFEST_FORMAT = "composer-composition/1"
+_ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class MergePlan:
+    spec: Spec
+    method: str  # "merge/<algorithm>" or "moe_merge/<algorithm>"
+    base: ResolvedInput
+    experts: list[ResolvedInput]
+    settings: MergeSettings | MoeMergeSettings
+    base_config: dict[str, Any]
+    dtype: str
+    max_shard_bytes: int
+    steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def algorithm(self) -> str:
+        return self.settings.method
+
+    def __str__(self) -> str:
+        params = self.settings.params.model_dump(mode="json", by_alias=True, exclude_none=True)
+        rows = [
+            ("method", self.method),
+            ("output", self._output()),
+            ("base", _describe(self.base)),
+        ]
+        rows += [(f"expert {i}", _describe(e)) for i, e in enumerate(self.experts)]
+        rows += [("parameters", json.dumps(params, sort_keys=True)), ("dtype", self.dtype)]
+        cal = self.settings.calibration
+        if cal:
+            n = sum(len(c) for c in cal) if isinstance(cal[0], list) else len(cal)
+            rows.append(("calibration", f"{n} file{'s' if n != 1 else ''}"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        lines.append("steps:")
+        lines += [f"  {i + 1}. {s.name}: {s.detail}" for i, s in enumerate(self.steps)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def _output(self) -> str:
+        arch = (self.base_config.get("architectures") or ["?"])[0]
+        if isinstance(self.settings, MoeMergeSettings):
+            before = self.base_config.get("num_local_experts")
+            return f"{arch}, {before} -> {self.settings.params.num_experts} experts"
+        return f"{arch} (dense, the base's architecture)"
+
+
+def _describe(r: ResolvedInput) -> str:
+    parts = [r.name, r.ref if r.ref == str(r.path) else f"{r.ref} -> {r.path}"]
+    parts += [x for x in (r.owner and f"owner {r.owner}", r.policy) if x]
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ planning
+
+
+def plan_merge(spec: Spec, resolver: Resolver) -> MergePlan:
+    """Validate parameters, resolve inputs, check consent, architectures, tensor headers and
+    calibration files: everything that needs no weights read."""
+    if spec.method == "merge":
+        settings: MergeSettings | MoeMergeSettings = _merge_settings(spec)
+    elif spec.method == "moe_merge":
+        settings = _moe_settings(spec)
+    else:
+        raise PlanError(f"method {spec.method!r} is not a merge")
+    p = settings.params
+    if "seed" in type(p).model_fields and "seed" not in (spec.parameters or {}):
+        settings.params = p.model_copy(update={"seed": spec.seed})  # the build may override
+    base = resolver.resolve(spec.base, role="base")
+    experts = []
+    for entry in spec.experts:
+        r = resolver.resolve(entry.ref, role="expert")
+        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
+    check_consent([base, *experts])
+    names = [e.name for e in experts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise PlanError(f"experts: duplicate expert names {dup}; give each a 'name'")
+    base_config = json.loads((base.path / "config.json").read_text())
+    dtype = spec.output.dtype
+    if dtype == "auto":
+        dtype = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
+    if dtype not in _DTYPES:
+        raise PlanError(f"output.dtype: unsupported dtype {dtype!r}")
+    for files in _calibration_files(settings):
+        if not files.is_file():
+            raise PlanError(f"parameters.calibration: file {files} does not exist")
+    plan = MergePlan(
+        spec=spec,
+        method=f"{spec.method}/{settings.method}",
+        base=base,
+        experts=experts,
+        settings=settings,
+        base_config=base_config,
+        dtype=dtype,
+        max_shard_bytes=parse_size(spec.output.max_shard_size),
+    )
+    if isinstance(settings, MergeSettings):
+        _plan_dense(plan)
+    else:
+        _plan_moe(plan)
+    return plan
+
+
+def _merge_settings(spec: Spec) -> MergeSettings:
+    if not spec.experts:
+        raise SpecError(spec.source, None, "experts", "method 'merge' needs at least one expert")
+    return parse_merge_parameters(spec)
+
+
+def _moe_settings(spec: Spec) -> MoeMergeSettings:
+    if spec.experts:
+        raise SpecError(
+            spec.source, None, "experts", "method 'moe_merge' merges the experts of the base"
+        )
+    return parse_moe_merge_parameters(spec)
+
+
+def _calibration_files(settings: MergeSettings | MoeMergeSettings) -> list[Path]:
+    cal = settings.calibration or []
+    return [f for c in cal for f in (c if isinstance(c, list) else [c])]
+
+
+def _plan_dense(plan: MergePlan) -> None:
+    for e in plan.experts:
+        if e.kind not in ("dense", "ffn", "base"):
+            raise PlanError(f"expert '{e.name}': kind {e.kind!r} cannot be merged (dense or ffn)")
+        cfg = json.loads((e.path / "config.json").read_text())
+        for k in _ARCH_KEYS:
+            if cfg.get(k) != plan.base_config.get(k):
+                raise PlanError(
+                    f"expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
+                    f"{plan.base_config.get(k)!r}"
+                )
+    try:
+        with _opened(plan) as (base, experts):
+            check_expert_tensors(base, experts, [e.name for e in plan.experts])
+    except CheckpointError as exc:
+        raise PlanError(str(exc)) from None
+    s = plan.settings
+    n = len(plan.experts)
+    plan.steps.append(Step("resolve", f"{1 + n} inputs, consent checked"))
+    plan.steps.append(Step("verify", "experts have the base's tensor names, shapes and dtypes"))
+    if isinstance(s, MergeSettings) and s.calibrated:
+        t = s.tokens
+        plan.steps.append(
+            Step(
+                "calibrate",
+                f"up to {t.max_calibration_tokens} tokens per expert in chunks of {t.seq_len}; "
+                "expert targets from one forward pass each",
+            )
+        )
+        plan.steps.append(Step("learn", f"{s.method} coefficients (weights frozen)"))
+        plan.notes.append("calibrated merges hold the base and every expert in memory")
+    else:
+        plan.steps.append(Step("merge", f"{plan.algorithm}, streamed tensor by tensor"))
+    plan.steps.append(Step("write", f"shards (<= {plan.spec.output.max_shard_size} each)"))
+    plan.steps.append(Step("finish", "config.json, tokenizer files, composition.json, rename"))
+
+
+def _plan_moe(plan: MergePlan) -> None:
+    cfg = plan.base_config
+    s = plan.settings
+    assert isinstance(s, MoeMergeSettings)
+    if cfg.get("model_type") != "mixtral":
+        raise PlanError(
+            f"base: moe_merge needs a Mixtral checkpoint, got model_type {cfg.get('model_type')!r}"
+        )
+    if cfg.get("composer_router_file"):
+        raise PlanError(
+            "base: moe_merge cannot carry a per-expert router bias file "
+            f"({cfg['composer_router_file']}) through a merge"
+        )
+    have, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
+    want = s.params.num_experts
+    if not top_k <= want <= have:
+        raise spec_error(
+            plan.spec,
+            ("num_experts",),
+            f"is {want}; it must lie in [{top_k}, {have}] (num_experts_per_tok, the base's "
+            "experts)",
+        )
+    plan.steps.append(Step("resolve", "base, consent checked"))
+    if s.method == "m_smoe":
+        plan.steps.append(Step("calibrate", "routing statistics of the base on calibration text"))
+    detail = f"{s.method}: {have} -> {want} experts per layer"
+    if getattr(s.params, "compress", None) is not None:
+        detail += ", low-rank + sparse compression"
+    plan.steps.append(Step("merge", detail))
+    plan.steps.append(Step("write", f"shards (<= {plan.spec.output.max_shard_size} each)"))
+    plan.steps.append(Step("finish", "config.json, tokenizer files, composition.json, rename"))
+    plan.notes.append("moe_merge holds the whole base MoE in memory (routing statistics)")
+
+
+class _opened:
+    """Open the plan's checkpoints; close them all on exit."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        self.cks: list[Checkpoint] = []
+
+    def __enter__(self) -> tuple[Checkpoint, list[Checkpoint]]:
+        try:
+            self.cks.append(Checkpoint(self.plan.base.path))
+            self.cks += [Checkpoint(e.path) for e in self.plan.experts]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.cks[0], self.cks[1:]
+
+    def __exit__(self, *_: object) -> None:
+        for ck in self.cks:
+            ck.close()
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_merge(
+    spec: Spec,
+    out_dir: str | Path,
+    resolver: Resolver,
+    *,
+    seed: int | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Build a merge / moe_merge spec into ``out_dir`` (which must not exist), atomically."""
+    t0 = time.perf_counter()
+    out = Path(out_dir).absolute()
+    if out.exists():
+        raise BuildError(f"output {out} already exists; choose a new folder")
+    plan = plan_merge(spec, resolver)
+    seed = spec.seed if seed is None else seed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        with _opened(plan) as (base, experts):
+            files, config, extra = _execute(plan, base, experts, tmp, seed, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES:
+            src = plan.base.path / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / name)
+        man = _manifest(plan, seed, files, extra)
+        (tmp / MANIFEST_NAME).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+        tmp.rename(out)
+    except MergeError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BuildError(f"{plan.method}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return BuildResult(
+        out_dir=out,
+        spec_sha256=spec.sha256(),
+        files=files,
+        wall_s=time.perf_counter() - t0,
+        peak_rss_bytes=peak_rss(),
+        inputs=[plan.base, *plan.experts],
+        plan=plan,  # type: ignore[arg-type]  # a MergePlan: same role as composer.plan.Plan
+    )
+
+
+def _effective_params(plan: MergePlan, seed: int) -> Any:
+    """The method parameters with the build seed, unless the spec set parameters.seed."""
+    p = plan.settings.params
+    if "seed" in type(p).model_fields and "seed" not in (plan.spec.parameters or {}):
+        p = p.model_copy(update={"seed": seed})
+    return p
+
+
+def _execute(
+    plan: MergePlan,
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    tmp: Path,
+    seed: int,
+    progress: bool,
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    params = _effective_params(plan, seed)
+    s = plan.settings
+    names = [e.name for e in plan.experts]
+    config = dict(plan.base_config)
+    if plan.spec.output.dtype != "auto":
+        config["dtype"] = plan.dtype
+        config.pop("torch_dtype", None)
+    if isinstance(s, MoeMergeSettings):
+        files, config, extra = run_moe_merge(plan, base, s, params, tmp, config, progress)
+        return files, config, extra
+    if s.calibrated:
+        files, extra = run_calibrated(plan, base, experts, names, s, params, tmp, progress)
+    else:
+        files = run_dense(plan, base, experts, names, s.method, params, tmp, progress)
+        extra = {}
+    return files, config, extra
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def _input(r: ResolvedInput) -> dict[str, Any]:
+    keys = ("ref", "name", "kind", "registry_id", "version", "sha256", "owner", "policy")
+    return {k: getattr(r, k) for k in (*keys, "domain", "base_fingerprint")}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {}
+    for dist, key in (
+        ("torch", "torch"),
+        ("transformers", "transformers"),
+        ("safetensors", "safetensors"),
+        ("moe-composer", "composer"),
+    ):
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = "unknown"
+    return out
+
+
+def _manifest(
+    plan: MergePlan, seed: int, files: dict[str, str], extra: dict[str, Any]
+) -> dict[str, Any]:
+    s = plan.settings
+    params = _effective_params(plan, seed).model_dump(mode="json", by_alias=True)
+    cal = s.calibration
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": plan.spec.name,
+        "method": plan.method,
+        "architecture": (plan.base_config.get("architectures") or [None])[0],
+        "base": _input(plan.base),
+        "experts": extra.pop("experts", None)
+        or [{"index": i, **_input(e)} for i, e in enumerate(plan.experts)],
+        "spec": plan.spec.model_dump(mode="json"),
+        "spec_sha256": plan.spec.sha256(),
+        "parameters": {
+            "method": s.method,
+            **params,
+            "calibration": json.loads(json.dumps(cal, default=str)) if cal else None,
+            **({"calibration_tokens": s.tokens.model_dump()} if cal else {}),
+            "dtype": plan.dtype,
+        },
+        "results": extra,
+        "seed": seed,
+        "versions": _versions(),
+        "files": dict(sorted(files.items())),
+    }
