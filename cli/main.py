@@ -7,6 +7,7 @@ import typer
 from cli.build_cmds import build
 from cli.expert_cmds import expert_app
 from cli.registry_cmds import keys_app, registry_app
+from cli.serve_cmds import serve
 
 app = typer.Typer(
     help="Composer: declarative composition of modular experts.",
@@ -17,6 +18,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys")
 app.add_typer(expert_app, name="expert")
 app.command("build")(build)
+app.command("serve", context_settings={"allow_extra_args": True})(serve)
 
 
 if __name__ == "__main__":

@@ -329,6 +329,25 @@ class RegistryService:
             s.flush()
             return row.id
 
+    def find_build(self, ref: str) -> dict[str, Any]:
+        """A recorded build by id (``#12`` or ``12``) or by name (the newest build of that name)."""
+        with self.registry.session() as s:
+            key = ref.removeprefix("#")
+            if key.isdigit():
+                row = s.get(Build, int(key))
+            else:
+                stmt = select(Build).where(Build.name == ref).order_by(Build.id.desc()).limit(1)
+                row = s.scalars(stmt).first()
+            if row is None:
+                raise RegistryError(f"no build {ref!r} in the registry (see `composer build`)")
+            return {
+                "id": row.id,
+                "name": row.name,
+                "method": row.method,
+                "output_path": row.output_path,
+                "spec_sha256": row.spec_sha256,
+            }
+
     # ---- API keys -------------------------------------------------------------------------------
 
     def create_key(self, name: str, allow: list[str]) -> dict[str, Any]:

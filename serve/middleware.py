@@ -74,9 +74,10 @@ class ServeSettings(BaseModel):
 
 
 def expert_names(model_path: str | Path) -> list[str]:
-    """Router-order expert names from config.json (`expert_names`), else expert_<i>."""
+    """Router-order expert names from config.json (`composer_experts`, which `composer build`
+    writes), else expert_<i>."""
     config = json.loads((Path(model_path) / "config.json").read_text())
-    names = config.get("expert_names")
+    names = config.get("composer_experts")
     if names:
         return [str(n) for n in names]
     n = config.get("num_local_experts") or config.get("num_experts") or 0

@@ -77,7 +77,7 @@ def prune_expert(src: Path, dst: Path, name: str) -> Path:
 
     src, dst = Path(src), Path(dst)
     config = json.loads((src / "config.json").read_text())
-    names: list[str] = config["expert_names"]
+    names: list[str] = config["composer_experts"]
     drop = names.index(name)
     n = len(names)
     keep = [i for i in range(n) if i != drop]
@@ -120,7 +120,7 @@ def _prune_tensor(
 def _patch_config(out_dir: Path, expert_names: list[str]) -> None:
     path = out_dir / "config.json"
     config = json.loads(path.read_text())
-    config["expert_names"] = expert_names
+    config["composer_experts"] = expert_names
     for field in ("num_local_experts", "num_experts"):
         if field in config:
             config[field] = len(expert_names)

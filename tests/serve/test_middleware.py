@@ -40,7 +40,7 @@ async def echo(request: Request) -> Response:
 
 @pytest.fixture
 def client(tmp_path: Path) -> TestClient:
-    (tmp_path / "config.json").write_text(json.dumps({"expert_names": NAMES}))
+    (tmp_path / "config.json").write_text(json.dumps({"composer_experts": NAMES}))
     app = Starlette(routes=[Route("/v1/completions", echo, methods=["POST"])])
     settings = ServeSettings(model_path=str(tmp_path))
     return TestClient(ExpertsMiddleware(app, settings))

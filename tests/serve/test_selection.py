@@ -117,7 +117,7 @@ def test_masked_expert_drops_out_of_the_softmax_exactly(dtype: torch.dtype) -> N
 
 
 def test_expert_names_come_from_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    (tmp_path / "config.json").write_text(json.dumps({"expert_names": NAMES}))
+    (tmp_path / "config.json").write_text(json.dumps({"composer_experts": NAMES}))
     assert expert_names(tmp_path) == NAMES
     (tmp_path / "config.json").write_text(json.dumps({"num_local_experts": 2}))
     assert expert_names(tmp_path) == ["expert_0", "expert_1"]

@@ -1,0 +1,86 @@
+"""`composer serve BUILD_OR_PATH`: vLLM's OpenAI-compatible server with per-request expert masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from cli.errors import handles_errors
+from cli.output import err_console
+from registry.errors import ComposerError
+
+
+def resolve_model(target: str) -> tuple[Path, str | None]:
+    """(checkpoint folder, registry URL or None) for a folder path or a recorded build."""
+    from registry.errors import NotInitialisedError
+    from registry.service import RegistryService
+    from registry.settings import database_url
+
+    path = Path(target)
+    if (path / "config.json").is_file():
+        try:
+            RegistryService().close()
+            return path, database_url()
+        except NotInitialisedError:
+            return path, None
+    try:
+        service = RegistryService()
+    except NotInitialisedError:
+        msg = f"{target}: not a checkpoint folder, and there is no registry to find a build in"
+        raise ComposerError(msg) from None
+    try:
+        build = service.find_build(target)
+    finally:
+        service.close()
+    out = Path(build["output_path"])
+    if not (out / "config.json").is_file():
+        raise ComposerError(f"build {target!r} was written to {out}, which has no config.json")
+    return out, database_url()
+
+
+@handles_errors
+def serve(
+    target: Annotated[
+        str, typer.Argument(metavar="BUILD_OR_PATH", help="Checkpoint folder, or build name / #id.")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_keys: Annotated[
+        Literal["on", "off"],
+        typer.Option("--api-keys", help="on: every request needs a registry API key."),
+    ] = "off",
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model name clients use (default: the folder path).")
+    ] = None,
+    policy_ttl: Annotated[
+        float, typer.Option(help="Seconds a read of the registry's policies is reused.")
+    ] = 2.0,
+    vllm_args: Annotated[
+        list[str] | None, typer.Argument(help="Extra vLLM server arguments, after `--`.")
+    ] = None,
+) -> None:
+    """Serve a composed model behind an OpenAI-compatible endpoint.
+
+    Each request may choose experts with `"experts": {"include": [...]}` or `{"exclude": [...]}`;
+    experts whose owners opted out in the registry are never used.
+    """
+    from serve.server import run_server
+
+    model_path, registry_url = resolve_model(target)
+    if api_keys == "on" and registry_url is None:
+        raise ComposerError("--api-keys on needs a registry (run `composer registry init`)")
+    if registry_url is None:
+        err_console.print("no registry: serving without data-use policies (all experts allowed)")
+    err_console.print(f"serving {model_path} on http://{host}:{port}/v1")
+    run_server(
+        model_path,
+        host=host,
+        port=port,
+        api_keys=api_keys == "on",
+        registry_url=registry_url,
+        served_model_name=served_model_name,
+        policy_ttl=policy_ttl,
+        extra_args=vllm_args or [],
+    )
