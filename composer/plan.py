@@ -107,10 +107,29 @@ def check_consent(inputs: list[ResolvedInput]) -> None:
         raise OptedOutError(f"refused: the owners of these inputs have opted out: {who}")
 
 
+def _check_calibration_files(spec: Spec) -> None:
+    """Calibration text must exist and be non-empty (else the router step fails mid-build)."""
+    sets = [(f"router.calibration[{i}]", s) for i, s in enumerate(spec.router.calibration or [])]
+    if spec.router.public_calibration:
+        sets.append(("router.public_calibration", spec.router.public_calibration))
+    for where, files in sets:
+        if not files:
+            raise PlanError(f"{where}: names no file")
+        for f in files:
+            path = spec.resolve_path(f)
+            if not path.is_file():
+                raise PlanError(f"{where}: {path} does not exist")
+            if path.stat().st_size == 0:
+                raise PlanError(f"{where}: {path} is empty")
+
+
 def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     """Resolve inputs and check everything that can be checked without reading weights."""
     if spec.method in ("merge", "moe_merge"):
-        raise MethodNotAvailable(f"method '{spec.method}' is not available yet")
+        raise MethodNotAvailable(
+            f"method '{spec.method}' is planned by composer.merging.plan_merge "
+            "(composer.build.plan_for picks the planner for any method)"
+        )
     base = resolver.resolve(spec.base, role="base")
     experts = []
     for entry in spec.experts:
@@ -150,6 +169,7 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
         method, "random"
     )
     init = spec.router.init or default_init
+    _check_calibration_files(spec)
 
     notes: list[str] = []
     for e in experts:

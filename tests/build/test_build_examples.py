@@ -1,0 +1,91 @@
+"""The shipped upcycle / compose example specs build, registry names mapped to tiny checkpoints;
+the upcycled ones compute exactly the dense model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import torch
+from build_helpers import config, load_model, logits, token_ids
+
+from composer.build import build
+from composer.inputs import LocalPathResolver, ResolvedInput
+from composer.spec import load_spec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+IDS = token_ids()
+
+
+class MappedResolver:
+    """Registry-style references -> local folders, with an owner and consent as the registry
+    gives them."""
+
+    def __init__(self, folders: dict[str, Path]):
+        self.folders = folders
+        self.local = LocalPathResolver()
+
+    def resolve(self, ref: str, *, role: Literal["base", "expert"]) -> ResolvedInput:
+        r = self.local.resolve(str(self.folders[ref]), role=role)
+        return dataclasses.replace(r, ref=ref, name=ref, owner=f"{ref}-owner", policy="opt_in")
+
+
+@pytest.fixture(scope="module")
+def resolver(models: Path) -> MappedResolver:
+    return MappedResolver(
+        {
+            "smollm2": models / "base",
+            "code": models / "code",
+            "legal": models / "legal",
+            "manuals": models / "code",  # one more anchored expert (same weights, own name)
+            "smollm2-code-ft": models / "ft1",
+            "smollm2-legal-ft": models / "ft2",
+            "./checkpoints/smollm2-manuals-ft": models / "base",
+        }
+    )
+
+
+@pytest.mark.parametrize("name", ["upcycle", "upcycle_hidden_mean"])
+def test_upcycle_examples_are_exact(
+    models: Path, tmp_path: Path, resolver: MappedResolver, name: str
+) -> None:
+    spec = load_spec(EXAMPLES / f"{name}.yaml")
+    res = build(spec, tmp_path / name, resolver, progress=False)
+    cfg = config(res.out_dir)
+    assert cfg["num_local_experts"] == spec.num_experts
+    assert cfg["composer_experts"] == (spec.expert_names or [f"expert{i}" for i in range(8)])
+    if name == "upcycle":  # moe_layers {every: 2, offset: 1} on a 2-layer base
+        assert cfg["composer_dense_layers"] == [0]
+    torch.testing.assert_close(
+        logits(res.out_dir, IDS), logits(models / "base", IDS), rtol=0, atol=1e-5
+    )
+
+
+def test_flexmix_example(tmp_path: Path, resolver: MappedResolver) -> None:
+    spec = load_spec(EXAMPLES / "flexmix.yaml")
+    res = build(spec, tmp_path / "flexmix", resolver, progress=False)
+    cfg = config(res.out_dir)
+    assert cfg["composer_experts"] == ["public", "code", "legal", "manuals"]
+    assert cfg["composer_router_file"] == "composer_router.safetensors"
+    man = json.loads((res.out_dir / "composition.json").read_text())
+    assert man["name"] == "flexmix" and man["base"]["owner"] == "smollm2-owner"
+    assert [e["owner"] for e in man["experts"]] == [
+        "smollm2-owner",
+        "code-owner",
+        "legal-owner",
+        "manuals-owner",
+    ]
+    assert all(e["policy"] == "opt_in" for e in man["experts"])
+    load_model(res.out_dir)
+
+
+def test_btx_example(tmp_path: Path, resolver: MappedResolver) -> None:
+    spec = load_spec(EXAMPLES / "btx.yaml")
+    res = build(spec, tmp_path / "btx", resolver, progress=False)
+    cfg = config(res.out_dir)
+    assert cfg["composer_experts"] == ["code", "legal", "manuals"]
+    assert cfg["num_local_experts"] == 3 and cfg["num_experts_per_tok"] == 2
+    load_model(res.out_dir)
