@@ -23,6 +23,7 @@ from build_helpers import (
     raw_tensors,
     tensors,
     token_ids,
+    write_expert_file,
 )
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -322,3 +323,36 @@ def test_btx_refuses_a_different_tensor_shape(models: Path, tmp_path: Path) -> N
     text = f"method: compose\nstyle: btx\nbase: base\nexperts: [ft1, {tmp_path / 'odd'}]\n"
     with pytest.raises(PlanError, match=rf"expert 'odd': {key} has shape \(64, 128\)"):
         build_text(models, tmp_path / "out", text)
+
+
+@pytest.mark.parametrize("base", ["base", "olmo"])
+def test_composing_identical_copies_of_the_public_model_is_the_public_model(
+    models: Path, tmp_path: Path, base: str
+) -> None:
+    """Experts that are exact copies of the public FFN, behind any router (random rows, the
+    negative bias applied): the MoE computes the dense public model. Mixtral renormalises the
+    top-k weights (sum 1); FlexOlmo's OLMo-2 default does not, so it is composed with top_k = E."""
+    from composer.router_bias import load_composed
+
+    copies = []
+    for i in (1, 2):
+        folder = tmp_path / f"copy{i}"
+        shutil.copytree(models / base, folder)
+        write_expert_file(folder, layers=[0, 1], seed=30 + i, bias=-2.0 * i)
+        copies.append(folder.name)
+    top_k = 2 if base == "base" else 3
+    spec = (
+        f"method: compose\nstyle: flexolmo\nbase: {models / base}\n"
+        f"experts: [{', '.join(str(tmp_path / c) for c in copies)}]\ntop_k: {top_k}\n"
+    )
+    out = build_text(models, tmp_path / "out", spec).out_dir
+    assert (out / "composer_router.safetensors").is_file()
+    want = logits(models / base, IDS)
+    got = load_composed(out)(IDS).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    # Positive control: one expert that is not a copy changes the logits.
+    spec_other = spec.replace(
+        str(tmp_path / copies[1]), str(models / ("code" if base == "base" else "olmo_code"))
+    )
+    other = build_text(models, tmp_path / "other", spec_other).out_dir
+    assert not torch.allclose(load_composed(other)(IDS).logits, want, atol=1e-3)
