@@ -4,9 +4,7 @@ the output, then rename it into place. Any error or Ctrl-C removes the temporary
 from __future__ import annotations
 
 import json
-import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,22 +25,17 @@ from composer.recipe import (
 )
 from composer.routers import compute_routers
 from composer.spec import Spec
-from composer.writer import ShardWriter, partition, write_small
+from composer.writer import (
+    TOKENIZER_FILES,
+    ShardWriter,
+    atomic_dir,
+    partition,
+    peak_rss,
+    write_small,
+)
 
 MANIFEST_NAME = "composition.json"
 MERGE_METHODS = ("merge", "moe_merge")  # built by composer.merging
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -63,10 +56,6 @@ def plan_for(spec: Spec, resolver: Resolver) -> Any:
 
         return plan_merge(spec, resolver)
     return make_plan(spec, resolver)
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
@@ -94,17 +83,12 @@ def build(
         raise BuildError(f"output {out} already exists; choose a new folder")
     plan = make_plan(spec, resolver)
     seed = spec.seed if seed is None else seed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     opened: list[Checkpoint] = []
     try:
-        opened.append(Checkpoint(plan.base.path))
-        opened += [Checkpoint(e.path) for e in plan.experts]
-        files = _execute(plan, opened[0], opened[1:], tmp, seed, progress)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            opened.append(Checkpoint(plan.base.path))
+            opened += [Checkpoint(e.path) for e in plan.experts]
+            files = _execute(plan, opened[0], opened[1:], tmp, seed, progress)
     finally:
         for ck in opened:
             ck.close()
@@ -113,7 +97,7 @@ def build(
         spec_sha256=spec.sha256(),
         files=files,
         wall_s=time.perf_counter() - t0,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss(),
         inputs=[plan.base, *plan.experts],
         plan=plan,
     )
@@ -160,7 +144,7 @@ def _execute(
         extra={"composer_router_file": ROUTER_FILE} if recipe.router_bias else None,
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         src = plan.base.path / name
         if src.is_file():
             shutil.copyfile(src, tmp / name)

@@ -41,7 +41,6 @@ STEPS = _env_int("STEPS", 80)
 SEQ_LEN = _env_int("SEQ_LEN", 128)
 BATCH = _env_int("BATCH", 8)
 EVAL_CHUNKS = _env_int("EVAL_CHUNKS", 24)
-TRAIN_CHUNKS = _env_int("TRAIN_CHUNKS", 1200)
 LR = float(os.environ.get("COMPOSER_DEMO_LR", "3e-4"))
 SERVE = os.environ.get("COMPOSER_DEMO_SERVE", "1") != "0"
 
@@ -99,7 +98,7 @@ def main() -> None:
         console.print(f"[bold]{owner}[/bold] trains '{domain}' on {', '.join(paths)}")
         res = train_expert(
             public, paths, HOME / "experts" / domain, domain=domain, layers=LAYERS, steps=STEPS,
-            seq_len=SEQ_LEN, batch_size=BATCH, seed=0, max_train_chunks=TRAIN_CHUNKS,
+            seq_len=SEQ_LEN, batch_size=BATCH, seed=0,
             max_heldout_chunks=EVAL_CHUNKS, lr=LR, bf16=True,
         )  # fmt: skip
         trained[domain] = res

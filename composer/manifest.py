@@ -13,7 +13,8 @@ from composer.plan import PUBLIC_EXPERT, Plan
 FORMAT = "composer-composition/1"
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the output bytes (recorded in composition.json)."""
     out = {}
     for dist, key in (
         ("torch", "torch"),
@@ -28,7 +29,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _input(r: ResolvedInput) -> dict[str, Any]:
+def input_record(r: ResolvedInput) -> dict[str, Any]:
+    """One input as composition.json records it."""
     return {
         "ref": r.ref,
         "name": r.name,
@@ -54,13 +56,13 @@ def manifest(
             src = plan.experts[idx]
         else:
             src = plan.base  # upcycled experts are copies of the base FFN
-        experts.append({"index": idx, **_input(src), "name": name, "source": src.name})
+        experts.append({"index": idx, **input_record(src), "name": name, "source": src.name})
     return {
         "format": FORMAT,
         "name": plan.spec.name,
         "method": plan.method,
         "architecture": plan.arch.architecture,
-        "base": _input(plan.base),
+        "base": input_record(plan.base),
         "experts": experts,
         "spec": plan.spec.model_dump(mode="json"),
         "spec_sha256": plan.spec.sha256(),
@@ -75,7 +77,7 @@ def manifest(
             "dtype": plan.dtype,
         },
         "seed": seed,
-        "versions": _versions(),
+        "versions": library_versions(),
         "files": dict(sorted(files.items())),
         "extras": dict(sorted(extras.items())),
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,9 @@ from composer.build import BuildResult
 from composer.checkpoint import Checkpoint, CheckpointError
 from composer.errors import BuildError, PlanError
 from composer.inputs import ResolvedInput, Resolver
+from composer.manifest import input_record, library_versions
 from composer.merging_exec import (
-    TOKENIZER_FILES,
     check_expert_tensors,
-    peak_rss,
     run_calibrated,
     run_dense,
     run_moe_merge,
@@ -39,6 +37,7 @@ from composer.merging_params import (
 )
 from composer.plan import Step, check_consent
 from composer.spec import Spec, SpecError, parse_size
+from composer.writer import TOKENIZER_FILES, atomic_dir, peak_rss
 from merge.errors import MergeError
 
 MANIFEST_NAME = "composition.json"
@@ -278,25 +277,19 @@ def build_merge(
         raise BuildError(f"output {out} already exists; choose a new folder")
     plan = plan_merge(spec, resolver)
     seed = spec.seed if seed is None else seed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        with _opened(plan) as (base, experts):
-            files, config, extra = _execute(plan, base, experts, tmp, seed, progress)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name in TOKENIZER_FILES:
-            src = plan.base.path / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)
-        man = _manifest(plan, seed, files, extra)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            with _opened(plan) as (base, experts):
+                files, config, extra = _execute(plan, base, experts, tmp, seed, progress)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for name in TOKENIZER_FILES:
+                src = plan.base.path / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+            man = _manifest(plan, seed, files, extra)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
     except MergeError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise BuildError(f"{plan.method}: {exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return BuildResult(
         out_dir=out,
         spec_sha256=spec.sha256(),
@@ -345,28 +338,6 @@ def _execute(
 # ------------------------------------------------------------------------------------ manifest
 
 
-def _input(r: ResolvedInput) -> dict[str, Any]:
-    keys = ("ref", "name", "kind", "registry_id", "version", "sha256", "owner", "policy")
-    return {k: getattr(r, k) for k in (*keys, "domain", "base_fingerprint")}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata
-
-    out = {}
-    for dist, key in (
-        ("torch", "torch"),
-        ("transformers", "transformers"),
-        ("safetensors", "safetensors"),
-        ("moe-composer", "composer"),
-    ):
-        try:
-            out[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[key] = "unknown"
-    return out
-
-
 def _manifest(
     plan: MergePlan, seed: int, files: dict[str, str], extra: dict[str, Any]
 ) -> dict[str, Any]:
@@ -378,9 +349,9 @@ def _manifest(
         "name": plan.spec.name,
         "method": plan.method,
         "architecture": (plan.base_config.get("architectures") or [None])[0],
-        "base": _input(plan.base),
+        "base": input_record(plan.base),
         "experts": extra.pop("experts", None)
-        or [{"index": i, **_input(e)} for i, e in enumerate(plan.experts)],
+        or [{"index": i, **input_record(e)} for i, e in enumerate(plan.experts)],
         "spec": plan.spec.model_dump(mode="json"),
         "spec_sha256": plan.spec.sha256(),
         "parameters": {
@@ -392,6 +363,6 @@ def _manifest(
         },
         "results": extra,
         "seed": seed,
-        "versions": _versions(),
+        "versions": library_versions(),
         "files": dict(sorted(files.items())),
     }

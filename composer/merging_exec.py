@@ -7,7 +7,6 @@ moe_merge need whole models (forward passes), so they read full state dicts.
 
 from __future__ import annotations
 
-import resource
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,24 +26,6 @@ from merge.state_dict import merge_tensor
 if TYPE_CHECKING:
     from composer.merging import MergePlan
     from composer.merging_params import CalibrationSettings, MergeSettings, MoeMergeSettings
-
-# Copied from the base into every output (same list as the other builds).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
+import shutil
 import struct
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -19,6 +23,20 @@ from typing import BinaryIO
 import torch
 
 from composer.checkpoint import DTYPE_NAMES, INDEX_NAME
+
+# Files of the base copied into every output beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -158,3 +176,22 @@ def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     data = _header(specs, metadata) + b"".join(bytes(tensor_bytes(tensors[s.name])) for s in specs)
     Path(path).write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def peak_rss() -> int:
+    """The process's resident-set high-water mark in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` when the block succeeds,
+    delete it when the block raises (Ctrl-C included), so no half-written output ever exists."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
