@@ -1,14 +1,22 @@
-"""Masked subclasses of the composed architectures vLLM serves (see serve/masking.py)."""
+"""Masked subclasses of the composed architectures vLLM serves.
+
+Per-request masks: serve/masking.py. MoE layers run our kernels (serve/moe_backend.py) unless
+COMPOSER_MOE_BACKEND=vllm, which keeps vLLM's fused MoE with the mask added by the gates.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from vllm.logger import init_logger
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
 from composer.router_bias import read_router_bias
 from serve.masking import install_gate_masks, install_runner_hook
+from serve.moe_backend import BACKEND_ENV, install_composer_moe, moe_backend
+
+logger = init_logger(__name__)
 
 
 def _num_experts(config: Any) -> int:
@@ -23,13 +31,25 @@ def _install(model: Any, vllm_config: Any) -> None:
     config = vllm_config.model_config.hf_config
     bias = read_router_bias(vllm_config.model_config.model)
     dense = getattr(config, "composer_dense_layers", None) or ()
-    if install_gate_masks(model, bias, dense) == 0:
+    backend = moe_backend()
+    if backend == "composer":
+        # Our kernels route (bias, mask) and run the experts; the gates stay vLLM's.
+        if install_composer_moe(model, vllm_config, bias, dense) == 0:
+            raise RuntimeError(f"{type(model).__name__}: no MoE layer found for our kernels")
+    elif install_gate_masks(model, bias, dense) == 0:
         raise RuntimeError(f"{type(model).__name__}: no MoE gate found to mask")
+    model.composer_moe_backend = backend
+    if not vllm_config.model_config.enforce_eager:
+        logger.warning(
+            "Composer expert masks are per-step data read in Python: run with --enforce-eager "
+            "(compiled graphs or CUDA graphs would freeze them)."
+        )
+    logger.info("Composer MoE backend: %s (%s=composer|vllm)", backend, BACKEND_ENV)
     install_runner_hook(_num_experts(config))
 
 
 class MaskedMixtralForCausalLM(MixtralForCausalLM):
-    """Mixtral whose router adds each token's expert mask before top-k."""
+    """Mixtral whose routing applies each token's expert mask before top-k."""
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

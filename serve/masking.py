@@ -1,9 +1,12 @@
-"""Per-request expert masks inside the vLLM engine (the only module touching engine internals).
+"""Per-request expert masks inside the vLLM engine (with serve/moe_backend.py, the only modules
+touching engine internals).
 
 Requests carry their allowed experts in `SamplingParams.extra_args[MASK_KEY]` (set over HTTP
 with `vllm_xargs`). Before every forward step, the model runner's `_prepare_inputs` lays tokens
 out request after request in `input_batch.req_ids` order; our hook builds one additive mask row
-per token from that layout, and every MoE gate adds it to its router logits before top-k.
+per token from that layout. With the default MoE backend (serve/moe_backend.py) our routing
+kernel reads it as a bool mask; with `COMPOSER_MOE_BACKEND=vllm` every MoE gate adds it to its
+router logits before vLLM's top-k.
 
 A masked logit gets MASK_VALUE: finite (no inf - inf = NaN if a row were ever fully masked) but
 so negative that exp() underflows to exactly 0 in float32 and bfloat16. The expert then drops

