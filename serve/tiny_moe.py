@@ -13,19 +13,14 @@ from typing import Any, Literal
 
 import torch
 
+from composer.tiny_models import TINY_DIMS
+
 MoeKind = Literal["mixtral", "flexolmo"]
 
 TINY_MOE_DIMS: dict[str, Any] = {
-    "vocab_size": 256,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
+    **TINY_DIMS,
     "num_local_experts": 4,
     "num_experts_per_tok": 2,
-    "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }
 DEFAULT_EXPERTS = ["public", "code", "legal", "math"]

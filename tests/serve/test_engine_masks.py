@@ -8,7 +8,6 @@ experts, no renormalisation); batching and the prefix cache do not mix masks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from serve.experts import cache_salt, mask_indices
 from serve.masking import MASK_KEY
 from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe, prune_expert
+from tests.serve.server_fixtures import tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -23,21 +23,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39]
 MAX_TOKENS = 12
 # Longer than two KV blocks (block size 32 on CPU), so a second request can hit the prefix cache.
 LONG_PREFIX = [(17 * i + 3) % 250 + 3 for i in range(80)]
-
-
-def _llm(path: Path) -> Any:
-    from vllm import LLM
-
-    return LLM(
-        model=str(path),
-        dtype="float32",
-        max_model_len=256,
-        enforce_eager=True,
-        block_size=32,
-        kv_cache_memory_bytes=64 << 20,
-        enable_prefix_caching=True,
-        seed=0,
-    )
 
 
 def _shutdown(llm: Any) -> None:
@@ -50,7 +35,7 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp(kind)
     full_dir = make_tiny_moe(root / "full", kind)
     pruned_dir = prune_expert(full_dir, root / "no_legal", "legal")
-    full, pruned = _llm(full_dir), _llm(pruned_dir)
+    full, pruned = tiny_llm(full_dir), tiny_llm(pruned_dir)
     yield kind, full, pruned
     _shutdown(full)
     _shutdown(pruned)

@@ -14,6 +14,7 @@ from serve.experts import cache_salt, mask_indices
 from serve.masking import MASK_KEY
 from serve.moe_backend import BACKEND_ENV, moe_backend_report
 from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
+from tests.serve.server_fixtures import tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -24,20 +25,9 @@ MAX_TOKENS = 12
 
 
 def _llm(path: Any, backend: str) -> Any:
-    from vllm import LLM
-
     with pytest.MonkeyPatch.context() as mp:  # the engine process reads it at start
         mp.setenv(BACKEND_ENV, backend)
-        return LLM(
-            model=str(path),
-            dtype="float32",
-            max_model_len=256,
-            enforce_eager=True,
-            block_size=32,
-            kv_cache_memory_bytes=64 << 20,
-            enable_prefix_caching=True,
-            seed=0,
-        )
+        return tiny_llm(path)
 
 
 @pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
