@@ -142,10 +142,13 @@ def read_document(path: Path, strip: bool | None = None, max_bytes: int = 2_000_
     return text if text.strip() else None
 
 
+def _path_hash(path: Path) -> bytes:
+    return hashlib.sha256(str(path.resolve()).encode()).digest()
+
+
 def is_heldout(path: Path, fraction: float) -> bool:
     """Deterministic split: a file is held out when the hash of its absolute path falls below."""
-    h = hashlib.sha256(str(path.resolve()).encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64 < fraction
+    return int.from_bytes(_path_hash(path)[:8], "big") / 2**64 < fraction
 
 
 @dataclass(frozen=True)
@@ -191,19 +194,23 @@ def load_token_chunks(
     """Read, split by path hash, shuffle (seeded), tokenise and pack files until enough chunks.
 
     Only as many files as needed are read, so a folder of thousands of files costs little. When the
-    hash puts no file into the held-out side, the file with the smallest hash is moved there.
+    held-out side gets no chunk (no file hashed there, or only binary / too short ones), training
+    files move there, smallest hash first, until one gives a chunk.
     """
     files = collect_files(paths)
     heldout = [f for f in files if is_heldout(f, heldout_fraction)]
     train = [f for f in files if not is_heldout(f, heldout_fraction)]
-    if not heldout and len(train) > 1 and heldout_fraction > 0:
-        first = min(train, key=lambda f: hashlib.sha256(str(f.resolve()).encode()).digest())
-        heldout, train = [first], [f for f in train if f != first]
     rng = random.Random(seed)
     rng.shuffle(train)
     rng.shuffle(heldout)
-    train_t, n_train = _pack(train, tokenizer, seq_len, max_train_chunks, strip)
     held_t, n_held = _pack(heldout, tokenizer, seq_len, max_heldout_chunks, strip)
+    if held_t.shape[0] == 0 and heldout_fraction > 0 and max_heldout_chunks > 0:
+        for f in sorted(train, key=_path_hash)[:-1]:  # keep at least one training file
+            train.remove(f)
+            held_t, n_held = _pack([f], tokenizer, seq_len, max_heldout_chunks, strip)
+            if held_t.shape[0]:
+                break
+    train_t, n_train = _pack(train, tokenizer, seq_len, max_train_chunks, strip)
     if train_t.shape[0] == 0:
         raise ValueError(f"not enough text for one chunk of {seq_len} tokens in {list(paths)}")
     return TokenChunks(train_t, held_t, n_train, n_held)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from composer.expert_train import (
     ByteTokenizer,
+    _path_hash,
     collect_files,
     is_heldout,
     load_token_chunks,
@@ -141,3 +142,18 @@ def test_save_file_is_valid_safetensors_and_byte_stable(tmp_path: Path) -> None:
             got = fh.get_tensor(k)
             assert got.dtype == t.dtype and got.shape == t.shape
             assert torch.equal(got.view(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+
+
+def test_heldout_is_never_empty_when_the_first_heldout_file_is_binary(tmp_path: Path) -> None:
+    """No file hashes into the held-out side and the fallback's first pick is binary: the next
+    training file is moved instead, so held-out perplexity always has text to score."""
+    paths = [tmp_path / f"f{i}.txt" for i in range(6)]
+    first = min(paths, key=_path_hash)
+    for p in paths:
+        p.write_bytes(b"\x00\x01" * 64 if p == first else (f"text {p.name} " * 20).encode())
+    data = load_token_chunks(
+        [tmp_path], ByteTokenizer(), 16, max_train_chunks=100, max_heldout_chunks=4,
+        heldout_fraction=1e-12,
+    )  # fmt: skip
+    assert data.heldout.shape[0] > 0 and data.heldout_files == 1
+    assert data.train_files == 4  # the binary file is in neither side
