@@ -12,7 +12,6 @@ from typing import Any
 
 from composer.arch import moe_config
 from composer.checkpoint import Checkpoint
-from composer.errors import BuildError
 from composer.inputs import ResolvedInput, Resolver
 from composer.manifest import manifest, write_manifest
 from composer.plan import Plan, make_plan
@@ -29,6 +28,7 @@ from composer.writer import (
     TOKENIZER_FILES,
     ShardWriter,
     atomic_dir,
+    new_output_path,
     partition,
     peak_rss,
     write_small,
@@ -78,9 +78,7 @@ def build(
 
         return build_merge(spec, out_dir, resolver, seed=seed, progress=progress)
     t0 = time.perf_counter()
-    out = Path(out_dir).absolute()
-    if out.exists():
-        raise BuildError(f"output {out} already exists; choose a new folder")
+    out = new_output_path(out_dir)
     plan = make_plan(spec, resolver)
     seed = spec.seed if seed is None else seed
     opened: list[Checkpoint] = []

@@ -37,7 +37,7 @@ from composer.merging_params import (
 )
 from composer.plan import Step, check_consent
 from composer.spec import Spec, SpecError, parse_size
-from composer.writer import TOKENIZER_FILES, atomic_dir, peak_rss
+from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
 from merge.errors import MergeError
 
 MANIFEST_NAME = "composition.json"
@@ -272,9 +272,7 @@ def build_merge(
 ) -> BuildResult:
     """Build a merge / moe_merge spec into ``out_dir`` (which must not exist), atomically."""
     t0 = time.perf_counter()
-    out = Path(out_dir).absolute()
-    if out.exists():
-        raise BuildError(f"output {out} already exists; choose a new folder")
+    out = new_output_path(out_dir)
     plan = plan_merge(spec, resolver)
     seed = spec.seed if seed is None else seed
     try:

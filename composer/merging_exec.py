@@ -61,9 +61,8 @@ def _layout(
     groups: dict[int, list[TensorSpec]] = {}
     for name, dtype, shape in sorted(metas):
         dt = out_dtype if dtype.is_floating_point else dtype
-        groups.setdefault(-1 if layer_of(name) is None else layer_of(name), []).append(  # type: ignore[arg-type]
-            TensorSpec(name, shape, dt)
-        )
+        layer = layer_of(name)
+        groups.setdefault(-1 if layer is None else layer, []).append(TensorSpec(name, shape, dt))
     return [groups[k] for k in sorted(groups)]
 
 

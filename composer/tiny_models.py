@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from composer.checkpoint import layer_of
+
 TINY_DIMS: dict[str, Any] = {
     "vocab_size": 256,
     "hidden_size": 128,
@@ -65,7 +67,7 @@ def perturb_ffn(
         if f.suffix == ".safetensors":
             tensors = load_file(f)
             for name, t in tensors.items():
-                layer = _layer_index(name)
+                layer = layer_of(name)
                 if ".mlp." in name and (layers is None or layer in layers):
                     noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
                     tensors[name] = (t.float() + noise).to(t.dtype).contiguous()
@@ -73,12 +75,3 @@ def perturb_ffn(
         elif f.is_file():
             (out_dir / f.name).write_bytes(f.read_bytes())
     return out_dir
-
-
-def _layer_index(name: str) -> int | None:
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None

@@ -23,6 +23,7 @@ from typing import BinaryIO
 import torch
 
 from composer.checkpoint import DTYPE_NAMES, INDEX_NAME
+from composer.errors import BuildError
 
 # Files of the base copied into every output beside the weights.
 TOKENIZER_FILES = (
@@ -181,6 +182,14 @@ def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 def peak_rss() -> int:
     """The process's resident-set high-water mark in bytes."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def new_output_path(out_dir: str | Path) -> Path:
+    """``out_dir`` as an absolute path; a build refuses an existing folder before any work."""
+    out = Path(out_dir).absolute()
+    if out.exists():
+        raise BuildError(f"output {out} already exists; choose a new folder")
+    return out
 
 
 @contextmanager

@@ -16,13 +16,14 @@ renormalise) and FlexOlmo (softmax over all experts, no renormalisation).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+
+from composer.checkpoint import layer_of
 
 MASK_KEY = "composer_allowed_experts"
 MASK_VALUE = -1.0e9
@@ -107,9 +108,6 @@ def apply_mask(router_logits: torch.Tensor) -> torch.Tensor:
     return router_logits + mask
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
 def install_gate_masks(
     model: torch.nn.Module,
     router_bias: dict[int, torch.Tensor] | None = None,
@@ -130,8 +128,7 @@ def install_gate_masks(
         if isinstance(module, GateLinear):
             if type(module) is not masked_cls:
                 module.__class__ = masked_cls
-            match = _LAYER_INDEX.search(name)
-            layer = int(match.group(1)) if match else -1
+            layer = layer_of(name)
             module._composer_bias = bias.get(layer)  # type: ignore[attr-defined]
             module._composer_masked = layer not in dense_layers  # type: ignore[attr-defined]
             count += 1

@@ -26,19 +26,18 @@ of scope: the composer backend refuses them at load with a message naming the sw
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from composer.checkpoint import layer_of
 from serve import masking
 from serve.kernels import Variant, fused_experts, route, selected_backend
 
 BACKEND_ENV = "COMPOSER_MOE_BACKEND"
 BACKENDS = ("composer", "vllm")
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def moe_backend() -> str:
@@ -309,8 +308,8 @@ def install_composer_moe(
                 f"{name}: the composer MoE backend does not support {problem}. "
                 f"Set {BACKEND_ENV}=vllm to use vLLM's fused MoE."
             )
-        match = _LAYER_INDEX.search(name)
-        layer = int(match.group(1)) if match else -1
+        layer = layer_of(name)
+        layer = -1 if layer is None else layer
         experts = module.routed_experts
         layer_bias = bias.get(layer)
         state = ComposerMoE(
