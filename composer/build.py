@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from composer.arch import moe_config
 from composer.checkpoint import Checkpoint
 from composer.inputs import ResolvedInput, Resolver
@@ -18,6 +20,7 @@ from composer.plan import Plan, make_plan
 from composer.recipe import (
     ROUTER_FILE,
     build_recipe,
+    out_dtype,
     router_bias_key,
     verify_anchors,
     verify_shapes,
@@ -29,12 +32,14 @@ from composer.writer import (
     ShardWriter,
     atomic_dir,
     new_output_path,
+    overwrite_tensors,
     partition,
     peak_rss,
     write_small,
 )
 
 MANIFEST_NAME = "composition.json"
+ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
 MERGE_METHODS = ("merge", "moe_merge")  # built by composer.merging
 
 
@@ -125,11 +130,7 @@ def _execute(
 
     extras: dict[str, str] = {}
     if recipe.router_bias:
-        tensors = {
-            router_bias_key(i): b.float().contiguous() for i, b in recipe.router_bias.items()
-        }
-        meta = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
-        extras[ROUTER_FILE] = write_small(tmp / ROUTER_FILE, tensors, meta)
+        extras[ROUTER_FILE] = _write_router_bias(tmp, recipe.router_bias)
     config = moe_config(
         plan.base_config,
         plan.arch,
@@ -146,5 +147,29 @@ def _execute(
         src = plan.base.path / name
         if src.is_file():
             shutil.copyfile(src, tmp / name)
-    write_manifest(tmp / MANIFEST_NAME, manifest(plan, seed, files, extras))
+    tuning = _tune(plan, tmp, seed, progress, files, extras) if plan.spec.router.tune else None
+    write_manifest(tmp / MANIFEST_NAME, manifest(plan, seed, files, extras, tuning))
     return {**files, **extras}
+
+
+def _tune(
+    plan: Plan, tmp: Path, seed: int, progress: bool, files: dict[str, str], extras: dict[str, str]
+) -> dict[str, Any]:
+    """router.tune on the checkpoint written in ``tmp``; the tuned rows go back into their shards
+    and the bias file is rewritten (``files`` / ``extras`` get the new hashes)."""
+    from composer.router_tune import tune_checkpoint
+
+    cfg = plan.spec.router.tune
+    assert cfg is not None
+    tuned = tune_checkpoint(tmp, plan.moe_layers, plan.proxy, cfg, seed, progress, out_dtype(plan))
+    rows = {plan.arch.router_key(i): row for i, row in tuned.rows.items()}
+    files.update(overwrite_tensors(tmp, rows))
+    if tuned.bias:
+        extras[ROUTER_FILE] = _write_router_bias(tmp, tuned.bias)
+    return tuned.record(plan.proxy)
+
+
+def _write_router_bias(folder: Path, bias: dict[int, torch.Tensor]) -> str:
+    """composer_router.safetensors (layer -> bias [E], float32, in the given layer order)."""
+    tensors = {router_bias_key(i): b.float().contiguous() for i, b in bias.items()}
+    return write_small(folder / ROUTER_FILE, tensors, ROUTER_FILE_META)

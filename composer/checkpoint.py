@@ -79,6 +79,10 @@ class SafetensorsFile:
         e = self.entries[name]
         return DTYPES[e["dtype"]], tuple(e["shape"])
 
+    def file_offset(self, name: str) -> int:
+        """Where ``name``'s data starts in the file."""
+        return self._data_start + int(self.entries[name]["data_offsets"][0])
+
     def read_bytes(self, name: str) -> bytes:
         a, b = self.entries[name]["data_offsets"]
         data = os.pread(self._fd, b - a, self._data_start + a)

@@ -151,6 +151,20 @@ def is_heldout(path: Path, fraction: float) -> bool:
     return int.from_bytes(_path_hash(path)[:8], "big") / 2**64 < fraction
 
 
+def split_files(
+    paths: Sequence[str | Path], heldout_fraction: float, seed: int
+) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of ``paths``, split by path hash, each shuffled (seeded):
+    the order in which :func:`load_token_chunks` reads them."""
+    files = collect_files(paths)
+    heldout = [f for f in files if is_heldout(f, heldout_fraction)]
+    train = [f for f in files if not is_heldout(f, heldout_fraction)]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(heldout)
+    return train, heldout
+
+
 @dataclass(frozen=True)
 class TokenChunks:
     """Packed token blocks: ``train`` and ``heldout`` are int64 [n, seq_len]."""
@@ -197,12 +211,7 @@ def load_token_chunks(
     held-out side gets no chunk (no file hashed there, or only binary / too short ones), training
     files move there, smallest hash first, until one gives a chunk.
     """
-    files = collect_files(paths)
-    heldout = [f for f in files if is_heldout(f, heldout_fraction)]
-    train = [f for f in files if not is_heldout(f, heldout_fraction)]
-    rng = random.Random(seed)
-    rng.shuffle(train)
-    rng.shuffle(heldout)
+    train, heldout = split_files(paths, heldout_fraction, seed)
     held_t, n_held = _pack(heldout, tokenizer, seq_len, max_heldout_chunks, strip)
     if held_t.shape[0] == 0 and heldout_fraction > 0 and max_heldout_chunks > 0:
         for f in sorted(train, key=_path_hash)[:-1]:  # keep at least one training file

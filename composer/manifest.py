@@ -46,7 +46,11 @@ def input_record(r: ResolvedInput) -> dict[str, Any]:
 
 
 def manifest(
-    plan: Plan, seed: int, files: dict[str, str], extras: dict[str, str]
+    plan: Plan,
+    seed: int,
+    files: dict[str, str],
+    extras: dict[str, str],
+    router_tuning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     experts = []
     for idx, name in enumerate(plan.expert_names):
@@ -76,6 +80,7 @@ def manifest(
             "gating_logit_norm": plan.spec.router.gating_logit_norm,
             "dtype": plan.dtype,
         },
+        "router_tuning": router_tuning,
         "seed": seed,
         "versions": library_versions(),
         "files": dict(sorted(files.items())),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from composer.arch import MIXTRAL, OutputArch, output_arch
 from composer.errors import MethodNotAvailable, OptedOutError, PlanError
 from composer.inputs import ResolvedInput, Resolver
-from composer.spec import MoeLayersEvery, Spec, parse_size
+from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
 
@@ -39,6 +40,7 @@ class Plan:
     max_shard_bytes: int
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    proxy: dict[str, list[Path]] = field(default_factory=dict)  # router.tune: expert -> files
 
     @property
     def num_experts(self) -> int:
@@ -123,6 +125,38 @@ def _check_calibration_files(spec: Spec) -> None:
                 raise PlanError(f"{where}: {path} is empty")
 
 
+def _proxy_files(spec: Spec, names: list[str], base_dir: Path) -> dict[str, list[Path]]:
+    """router.tune.proxy resolved to files; names that are not experts, paths that match no
+    file and a base without tokenizer (when the proxy is tokenised with it) are plan errors."""
+    from composer.expert_train import collect_files
+
+    tune = spec.router.tune
+    if tune is None:
+        return {}
+    out: dict[str, list[Path]] = {}
+    for name, paths in tune.proxy.items():
+        where = spec.where("router", "tune", "proxy", name)
+        if name not in names:
+            raise PlanError(
+                f"{where}: {name!r} is not an expert of this build; expected one of "
+                + ", ".join(names)
+            )
+        try:
+            out[name] = collect_files([spec.resolve_path(p) for p in paths])
+        except FileNotFoundError as e:
+            raise PlanError(f"{where}: {e}") from None
+        except SpecError as e:  # an unset $VAR
+            raise PlanError(f"{where}: {e.message}") from None
+    if tune.tokenizer == "base" and not any(
+        (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")
+    ):
+        raise PlanError(
+            f"{spec.where('router', 'tune', 'tokenizer')}: the base has no tokenizer files to "
+            "tokenise the proxy text with"
+        )
+    return out
+
+
 def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     """Resolve inputs and check everything that can be checked without reading weights."""
     if spec.method in ("merge", "moe_merge"):
@@ -170,6 +204,12 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     )
     init = spec.router.init or default_init
     _check_calibration_files(spec)
+    proxy = _proxy_files(spec, list(names), base.path)
+    if proxy and spec.top_k == 1 and norm:
+        raise PlanError(
+            f"{spec.where('router', 'tune')}: with top_k 1 and renormalised top-k weights every "
+            "token's one expert gets weight 1, so the router gets no gradient; use top_k >= 2"
+        )
 
     notes: list[str] = []
     for e in experts:
@@ -215,6 +255,16 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
             "tensor",
         )
     )
+    if spec.router.tune is not None:
+        t = spec.router.tune
+        steps.append(
+            Step(
+                "tune",
+                f"router rows{' and biases' if spec.style == 'flexolmo' else ''} of "
+                f"{len(moe_layers)} MoE layers, {t.steps} steps of {t.batch_size} x {t.seq_len} "
+                f"tokens on proxy text of {', '.join(proxy)} (<= {t.max_chunks} sequences each)",
+            )
+        )
     steps.append(Step("finish", "config.json, tokenizer files, composition.json, atomic rename"))
     if dense_layers:
         notes.append(
@@ -238,4 +288,5 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
         max_shard_bytes=parse_size(spec.output.max_shard_size),
         steps=steps,
         notes=notes,
+        proxy=proxy,
     )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +66,40 @@ class MoeLayersEvery(_Model):
     offset: int = Field(default=0, ge=0)
 
 
+class RouterTuneSpec(_Model):
+    """Router tuning on proxy text the experts' owners contributed (FlexOlmo's optional step).
+
+    Only the router rows (and the FlexOlmo router bias, when the build keeps one) of the MoE
+    layers train, with the language-model loss on the proxy text; every other weight is frozen.
+    """
+
+    # expert name (as in config.json's composer_experts) -> text files, folders or globs
+    proxy: dict[str, list[str]] = Field(min_length=1)
+    steps: int = Field(default=40, ge=1)
+    lr: float = Field(default=1e-2, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    seq_len: int = Field(default=128, ge=2)
+    max_chunks: int = Field(default=32, ge=1)  # per expert, of seq_len tokens
+    bf16: bool = True  # bfloat16 autocast in the forward pass
+    tokenizer: Literal["base", "bytes"] = "base"  # bytes: UTF-8 bytes (tiny test models)
+
+    @field_validator("proxy", mode="before")
+    @classmethod
+    def _wrap_single_paths(cls, v: Any) -> Any:
+        # Allow `code: proxy/code` for one file, folder or glob.
+        if isinstance(v, dict):
+            return {k: [x] if isinstance(x, str) else x for k, x in v.items()}
+        return v
+
+    @field_validator("proxy")
+    @classmethod
+    def _non_empty_lists(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, paths in v.items():
+            if not paths:
+                raise ValueError(f"expert {name!r} names no proxy file")
+        return v
+
+
 class RouterSpec(_Model):
     init: Literal["random", "hidden_mean", "given", "domain_embedding", "trained"] | None = None
     # hidden_mean: one list of text files per expert (in expert order); paths relative to the spec.
@@ -74,6 +110,7 @@ class RouterSpec(_Model):
     gating_logit_norm: float | None = Field(default=None, gt=0)  # Skywork-MoE lambda
     expert_bias: bool = True  # keep FlexOlmo's per-expert router bias when experts carry one
     max_calibration_tokens: int = Field(default=4096, ge=1)
+    tune: RouterTuneSpec | None = None  # router tuning on the owners' proxy text (after the write)
 
     @field_validator("calibration", mode="before")
     @classmethod
@@ -113,6 +150,7 @@ class Spec(_Model):
     parameters: dict[str, Any] | None = None  # method parameters of merge / moe_merge (later)
 
     _source: Path | None = PrivateAttr(default=None)
+    _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
 
     @field_validator("experts", mode="before")
     @classmethod
@@ -137,8 +175,22 @@ class Spec(_Model):
         """The file the spec was read from (relative paths in it are resolved against it)."""
         return self._source
 
+    def where(self, *loc: Any) -> str:
+        """``file:line: field`` of a spec location, for errors found after parsing."""
+        where = str(self._source) if self._source is not None else "<spec>"
+        if self._lines:
+            where += f":{_line_for(tuple(loc), self._lines)}"
+        return f"{where}: {_field_name(tuple(loc))}"
+
     def resolve_path(self, p: str) -> Path:
-        path = Path(p).expanduser()
+        """A path of the spec: ``$VARS`` and ``~`` expanded, relative to the spec's folder."""
+        expanded = os.path.expandvars(p)
+        unset = re.search(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise SpecError(
+                self._source, None, "", f"{p!r}: environment variable {unset.group(1)} is not set"
+            )
+        path = Path(expanded).expanduser()
         if not path.is_absolute() and self._source is not None:
             path = self._source.parent / path
         return path
@@ -222,7 +274,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
             continue
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
-        for cand in (ExpertEntry, RouterSpec, OutputSpec, MoeLayersEvery):
+        for cand in (ExpertEntry, RouterTuneSpec, RouterSpec, OutputSpec, MoeLayersEvery):
             if ann is cand or (ann is not None and cand.__name__ in str(ann)):
                 model = cand
                 break
@@ -264,7 +316,7 @@ def _message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         )
         bound = next(iter(ctx.values()))
         return loc, f"must be {op} {bound}, got {value!r}"
-    if kind == "string_too_short":
+    if kind in ("string_too_short", "too_short"):
         return loc, "must not be empty"
     if kind == "string_pattern_mismatch":
         return loc, f"{value!r} is not a valid name (letters, digits, '_', '.', '-')"
@@ -297,6 +349,10 @@ def _check_semantics(spec: Spec) -> tuple[tuple[Any, ...], str] | None:
             return ("num_experts",), "the experts list fixes the expert count for 'compose'"
         if spec.style == "btx" and len(spec.experts) < 2:
             return ("experts",), "compose/btx needs at least two experts"
+    if spec.router.tune is not None and m not in ("upcycle", "compose"):
+        return ("router", "tune"), (
+            f"router tuning applies to methods upcycle and compose, not {m!r}"
+        )
     if m in ("upcycle", "compose"):
         names = [e.name or Path(e.ref).name for e in spec.experts]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -364,6 +420,7 @@ def parse_spec(text: str, path: str | Path | None = None) -> Spec:
     if problem is not None:
         raise _error_from_loc(p, lines, problem[0], problem[1])
     spec._source = p.resolve() if p is not None else None
+    spec._lines = lines
     return spec
 
 

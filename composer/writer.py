@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import torch
 
-from composer.checkpoint import DTYPE_NAMES, INDEX_NAME
+from composer.checkpoint import DTYPE_NAMES, INDEX_NAME, SafetensorsFile
 from composer.errors import BuildError
 
 # Files of the base copied into every output beside the weights.
@@ -204,3 +204,38 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def overwrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Write new values of existing tensors into their shards in place (same dtype and shape, so
+    headers and offsets stay valid); returns file name -> new sha256 of every file changed."""
+    weight_map: dict[str, str] = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    by_file: dict[str, list[str]] = {}
+    for name in tensors:
+        if name not in weight_map:
+            raise BuildError(f"{folder}: no tensor {name} to overwrite")
+        by_file.setdefault(weight_map[name], []).append(name)
+    changed: dict[str, str] = {}
+    for file_name, names in sorted(by_file.items()):
+        path = folder / file_name
+        shard = SafetensorsFile(path)
+        try:
+            places = []
+            for name in names:
+                dtype, shape = shard.meta(name)
+                t = tensors[name]
+                if tuple(t.shape) != shape:
+                    raise BuildError(f"{name}: shape {tuple(t.shape)}, the shard holds {shape}")
+                places.append((shard.file_offset(name), t.to(dtype)))
+        finally:
+            shard.close()
+        with path.open("r+b") as f:
+            for offset, t in places:
+                f.seek(offset)
+                f.write(tensor_bytes(t))
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        changed[file_name] = digest.hexdigest()
+    return changed

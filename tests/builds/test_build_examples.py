@@ -64,8 +64,19 @@ def test_upcycle_examples_are_exact(
     )
 
 
-def test_flexmix_example(tmp_path: Path, resolver: MappedResolver) -> None:
+def test_flexmix_example(
+    tmp_path: Path, resolver: MappedResolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owners' proxy samples where `make demo` writes them; the tiny base has no tokenizer.
+    monkeypatch.setenv("COMPOSER_HOME", str(tmp_path))
+    for i, name in enumerate(("code", "legal", "manuals")):
+        (tmp_path / "proxy" / name).mkdir(parents=True)
+        (tmp_path / "proxy" / name / "sample.txt").write_text(f"{name} sample {i}\n" * 40)
     spec = load_spec(EXAMPLES / "flexmix.yaml")
+    assert spec.router.tune is not None
+    spec.router.tune = spec.router.tune.model_copy(
+        update={"tokenizer": "bytes", "steps": 2, "seq_len": 32, "max_chunks": 4, "bf16": False}
+    )
     res = build(spec, tmp_path / "flexmix", resolver, progress=False)
     cfg = config(res.out_dir)
     assert cfg["composer_experts"] == ["public", "code", "legal", "manuals"]
@@ -78,6 +89,12 @@ def test_flexmix_example(tmp_path: Path, resolver: MappedResolver) -> None:
         "legal-owner",
         "manuals-owner",
     ]
+    tuning = man["router_tuning"]
+    assert {k: v["sequences"] for k, v in tuning["proxy"].items()} == {
+        "code": 4,
+        "legal": 4,
+        "manuals": 4,
+    }
     assert all(e["policy"] == "opt_in" for e in man["experts"])
     load_model(res.out_dir)
 
