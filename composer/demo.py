@@ -42,6 +42,7 @@ SEQ_LEN = _env_int("SEQ_LEN", 128)
 BATCH = _env_int("BATCH", 8)
 EVAL_CHUNKS = _env_int("EVAL_CHUNKS", 24)
 LR = float(os.environ.get("COMPOSER_DEMO_LR", "3e-4"))
+PROXY_TOKENS = _env_int("PROXY_TOKENS", 32 * 128)  # router.tune.max_chunks x seq_len
 SERVE = os.environ.get("COMPOSER_DEMO_SERVE", "1") != "0"
 
 # Where each data owner's text lives on this machine (Debian + the Python that runs the demo).
@@ -63,7 +64,7 @@ def step(title: str) -> None:
 def fresh_registry() -> Any:
     """A new SQLite registry in the demo home (the exported public model is kept as a cache)."""
     for sub in ("registry.db", "registry.db-wal", "registry.db-shm", "blobs", "checkouts",
-                "experts", "builds"):  # fmt: skip
+                "experts", "builds", "proxy"):  # fmt: skip
         p = HOME / sub
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     os.environ["COMPOSER_HOME"] = str(HOME)
@@ -110,21 +111,30 @@ def main() -> None:
             f"public -> {res.expert_ppl:.2f} with expert)"
         )
 
-    step("3. composer build examples/flexmix.yaml")
+    step("3. each owner contributes a small proxy sample of its training text (router tuning)")
+    from composer.expert_train import HFTokenizer
+
+    tok = HFTokenizer(public)
+    for domain, paths in DOMAINS.items():
+        n_files, n_tokens = write_proxy_sample(paths, HOME / "proxy" / domain, tok, PROXY_TOKENS)
+        console.print(f"  {domain}-owner: {n_files} files, {n_tokens} tokens -> proxy/{domain}")
+
+    step("4. composer build examples/flexmix.yaml")
     composed = build_spec(service, REPO / "examples" / "flexmix.yaml", HOME / "builds" / "flexmix")
+    untuned = build_text(service, _untuned_spec(), HOME / "builds" / "flexmix-untuned")
     singles = {
         d: build_text(service, _single_spec(d), HOME / "builds" / f"only-{d}") for d in DOMAINS
     }
 
-    step("4. held-out perplexity per domain")
-    table = perplexity_table(public, singles, composed)
+    step("5. held-out perplexity per domain")
+    table = perplexity_table(public, singles, untuned, composed)
     console.print(table)
 
     if SERVE:
-        step("5. composer serve flexmix: each request toggles experts; opted-out experts are off")
+        step("6. composer serve flexmix: each request toggles experts; opted-out experts are off")
         serve_and_ask(service)
     else:
-        step("5. the composed model answers (transformers)")
+        step("6. the composed model answers (transformers)")
         console.print(f"[bold]Q:[/bold] {QUESTION}")
         console.print(f"[bold]A:[/bold] {generate(composed, QUESTION)}")
     console.print(f"demo finished in {time.perf_counter() - t_start:.0f} s; files in {HOME}")
@@ -238,6 +248,38 @@ def _build(service: Any, spec: Any, out: Path) -> Path:
     return res.out_dir
 
 
+def write_proxy_sample(
+    paths: list[str], dest: Path, tok: Any, tokens: int, heldout_fraction: float = 0.1
+) -> tuple[int, int]:
+    """Copy files of the owner's training split (never a held-out file: same split and order as
+    `composer expert train`) into ``dest`` until they hold ``tokens`` tokens."""
+    from composer.expert_train import read_document, split_files
+
+    train, _ = split_files(paths, heldout_fraction, seed=0)  # the order training read them in
+    dest.mkdir(parents=True, exist_ok=True)
+    n_files = n_tokens = 0
+    for f in train:
+        if n_tokens >= tokens:
+            break
+        text = read_document(f)
+        if text is None:
+            continue
+        n_tokens += len(tok.encode(text)) + 1
+        n_files += 1
+        shutil.copyfile(f, dest / f"{n_files:03d}-{f.name}")  # copyright files share a name
+    return n_files, n_tokens
+
+
+def _untuned_spec() -> str:
+    """examples/flexmix.yaml without router tuning: the experts' routers as their owners trained
+    them, concatenated."""
+    return (
+        f"name: flexmix-untuned\nmethod: compose\nstyle: flexolmo\nbase: smollm2\n"
+        f"experts: [{', '.join(DOMAINS)}]\ntop_k: 2\nmoe_layers: {_layers_yaml()}\n"
+        f"router: {{init: trained}}\n"
+    )
+
+
 def _single_spec(domain: str) -> str:
     """Public model + one expert: the 2-expert model exactly as its owner trained it."""
     return (
@@ -253,7 +295,9 @@ def _layers_yaml() -> str:
     return json.dumps(parse_layers(LAYERS, 30))
 
 
-def perplexity_table(public: Path, singles: dict[str, Path], composed: Path) -> Table:
+def perplexity_table(
+    public: Path, singles: dict[str, Path], untuned: Path, composed: Path
+) -> Table:
     from composer.expert_train import HFTokenizer, load_token_chunks, perplexity
 
     tok = HFTokenizer(public)
@@ -264,7 +308,8 @@ def perplexity_table(public: Path, singles: dict[str, Path], composed: Path) -> 
         for d, paths in DOMAINS.items()
     }
     models = {"public": public, **{f"expert {d}": p for d, p in singles.items()}}
-    models["composed (flexmix)"] = composed
+    models["composed, routers as trained"] = untuned
+    models["composed (flexmix, router tuned)"] = composed
     results: dict[str, dict[str, float]] = {}
     for label, path in models.items():
         results[label] = {d: perplexity(path, chunks) for d, chunks in heldout.items()}
@@ -276,8 +321,12 @@ def perplexity_table(public: Path, singles: dict[str, Path], composed: Path) -> 
     best = {d: min(results[f"expert {x}"][d] for x in DOMAINS) for d in DOMAINS}
     for label, row in results.items():
         table.add_row(label, *(f"{row[d]:.2f}" for d in DOMAINS))
-    gap = {d: 100 * (results["composed (flexmix)"][d] / best[d] - 1) for d in DOMAINS}
-    table.add_row("composed vs best expert", *(f"{gap[d]:+.1f}%" for d in DOMAINS))
+    for label, short in (
+        ("composed, routers as trained", "as trained vs best expert"),
+        ("composed (flexmix, router tuned)", "router tuned vs best expert"),
+    ):
+        gap = {d: 100 * (results[label][d] / best[d] - 1) for d in DOMAINS}
+        table.add_row(short, *(f"{gap[d]:+.1f}%" for d in DOMAINS))
     (HOME / "perplexity.json").write_text(json.dumps(results, indent=2))
     return table
 
