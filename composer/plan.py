@@ -257,10 +257,11 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     )
     if spec.router.tune is not None:
         t = spec.router.tune
+        biases = " and biases" if spec.style == "flexolmo" and spec.router.expert_bias else ""
         steps.append(
             Step(
                 "tune",
-                f"router rows{' and biases' if spec.style == 'flexolmo' else ''} of "
+                f"router rows{biases} of "
                 f"{len(moe_layers)} MoE layers, {t.steps} steps of {t.batch_size} x {t.seq_len} "
                 f"tokens on proxy text of {', '.join(proxy)} (<= {t.max_chunks} sequences each)",
             )
