@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from registry.errors import ComposerError
+from registry.store import file_sha256
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,7 @@ def checkpoint_sha256(path: Path) -> str:
     for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         if f.suffix not in _HASHED_SUFFIXES:
             continue
-        h = hashlib.sha256()
-        with f.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                h.update(chunk)
-        lines.append(f"{f.relative_to(path).as_posix()} {h.hexdigest()}\n")
+        lines.append(f"{f.relative_to(path).as_posix()} {file_sha256(f)}\n")
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 

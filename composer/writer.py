@@ -24,6 +24,7 @@ import torch
 
 from composer.checkpoint import DTYPE_NAMES, INDEX_NAME, SafetensorsFile
 from composer.errors import BuildError
+from registry.store import file_sha256
 
 # Files of the base copied into every output beside the weights.
 TOKENIZER_FILES = (
@@ -233,9 +234,5 @@ def overwrite_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> dict[st
             for offset, t in places:
                 f.seek(offset)
                 f.write(tensor_bytes(t))
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        changed[file_name] = digest.hexdigest()
+        changed[file_name] = file_sha256(path)
     return changed

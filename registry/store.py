@@ -65,7 +65,7 @@ class BlobStore:
         p = self.path_for(sha256)
         if not p.is_file():
             return "missing"
-        actual = _hash(p)
+        actual = file_sha256(p)
         return None if actual == sha256 else f"content hash is {actual}"
 
     def copy_out(self, sha256: str, dest: Path) -> None:
@@ -89,7 +89,8 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
 
 
-def _hash(p: Path) -> str:
+def file_sha256(p: Path) -> str:
+    """sha256 of a file's bytes, read in CHUNK blocks."""
     h = hashlib.sha256()
     with p.open("rb") as f:
         while buf := f.read(CHUNK):
