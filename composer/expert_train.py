@@ -293,6 +293,30 @@ def compute_domain_embeddings(
 
 
 @torch.no_grad()
+def mean_nll(
+    model: nn.Module,
+    token_chunks: torch.Tensor | Sequence[Sequence[int]],
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> float:
+    """Mean next-token NLL over all predicted positions of the chunks, each scored independently
+    (``bf16``: bfloat16 autocast in the forward pass); NaN when there is nothing to predict."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in _batches(_as_chunks(token_chunks), batch_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        target = batch[:, 1:]
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        count += target.numel()
+    model.train(was_training)
+    return total / count if count else float("nan")
+
+
 def perplexity(
     model: str | Path | nn.Module,
     token_chunks: torch.Tensor | Sequence[Sequence[int]],
@@ -301,21 +325,19 @@ def perplexity(
     """exp(mean next-token NLL) over all predicted positions of the chunks (dense or MoE, any HF
     causal LM; a path is loaded in float32). Each chunk is scored independently."""
     m = load_causal_lm(model) if isinstance(model, str | Path) else model
-    was_training = m.training
-    m.eval()
-    total, count = 0.0, 0
-    for batch in _batches(_as_chunks(token_chunks), batch_size):
-        logits = m(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += target.numel()
-    m.train(was_training)
-    if count == 0:
-        return float("nan")
-    return math.exp(total / count)
+    return math.exp(mean_nll(m, token_chunks, batch_size))
+
+
+def seeded_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into ``n`` items, drawn from a seeded permutation that is
+    re-drawn when used up (a batch may span two permutations)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order.extend(torch.randperm(n, generator=gen).tolist())
+        yield order[:batch_size]
+        order = order[batch_size:]
 
 
 def install_pair_ffns(
@@ -533,17 +555,12 @@ def train_pairs(
         [{"params": ffn_params, "lr": base_lrs[0]}, {"params": router_params, "lr": base_lrs[1]}],
         weight_decay=0.0,
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n = train_chunks.shape[0]
-    order: list[int] = []
+    batches = seeded_batches(train_chunks.shape[0], cfg.batch_size, cfg.seed)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"expert {cfg.domain}", disable=not progress, leave=False)
     for step in bar:
-        while len(order) < cfg.batch_size:
-            order.extend(torch.randperm(n, generator=gen).tolist())
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = train_chunks[idx]
+        batch = train_chunks[next(batches)]
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * _lr_factor(step, cfg.steps, cfg.warmup_steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):

@@ -26,6 +26,8 @@ from composer.expert_train import (
     decoder_layers,
     load_token_chunks,
     load_tokenizer,
+    mean_nll,
+    seeded_batches,
 )
 from composer.spec import RouterTuneSpec
 
@@ -93,22 +95,6 @@ def trainable_routers(model: nn.Module, moe_layers: list[int]) -> list[nn.Parame
     return params
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, sequences: torch.Tensor, batch_size: int, bf16: bool) -> float:
-    """Mean next-token loss over every predicted position of ``sequences``."""
-    total, count = 0.0, 0
-    for i in range(0, sequences.shape[0], batch_size):
-        batch = sequences[i : i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += batch[:, 1:].numel()
-    return total / count
-
-
 def tune_routers(
     model: nn.Module,
     moe_layers: list[int],
@@ -128,17 +114,13 @@ def tune_routers(
     data = torch.cat(list(sequences.values()))
     params = trainable_routers(model, moe_layers)
     model.eval()  # no dropout: the loss is the model's own
-    loss_before = mean_loss(model, data, cfg.batch_size, cfg.bf16)
+    loss_before = mean_nll(model, data, cfg.batch_size, cfg.bf16)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="router tune", disable=not progress, leave=False)
+    batches = seeded_batches(data.shape[0], cfg.batch_size, seed)
     for _ in bar:
-        while len(order) < cfg.batch_size:
-            order.extend(torch.randperm(data.shape[0], generator=gen).tolist())
-        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-        batch = data[idx]
+        batch = data[next(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             out = model(input_ids=batch, labels=batch, use_cache=False)
         opt.zero_grad(set_to_none=True)
@@ -153,7 +135,7 @@ def tune_routers(
         for i in moe_layers:
             w = layers[i].mlp.gate.weight
             w.copy_(w.to(round_to).float())
-    loss_after = mean_loss(model, data, cfg.batch_size, cfg.bf16)
+    loss_after = mean_nll(model, data, cfg.batch_size, cfg.bf16)
     rows = {i: layers[i].mlp.gate.weight.detach().float().clone() for i in moe_layers}
     bias = {
         i: layers[i].mlp.gate.router_bias.detach().float().clone()

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from composer.build import plan_for
 from composer.errors import BuildError, PlanError
-from composer.expert_train import ByteTokenizer
+from composer.expert_train import ByteTokenizer, mean_nll
 from composer.inputs import LocalPathResolver
 from composer.router_bias import load_composed
-from composer.router_tune import mean_loss, proxy_sequences
+from composer.router_tune import proxy_sequences
 from composer.spec import RouterTuneSpec, SpecError, load_spec, parse_spec
 
 TUNE = """\
@@ -96,8 +96,8 @@ def test_recorded_losses_are_those_of_the_written_checkpoint(pair, proxy: dict[s
     seqs = proxy_sequences(files, ByteTokenizer(), 32, 6, seed=0)
     data = torch.cat(list(seqs.values()))
     with torch.no_grad():
-        got_before = mean_loss(load_composed(plain.out_dir), data, 4, bf16=False)
-        got_after = mean_loss(load_composed(tuned.out_dir), data, 4, bf16=False)
+        got_before = mean_nll(load_composed(plain.out_dir), data, 4, bf16=False)
+        got_after = mean_nll(load_composed(tuned.out_dir), data, 4, bf16=False)
     assert got_before == pytest.approx(record["loss_before"], abs=1e-5)
     assert got_after == pytest.approx(record["loss_after"], abs=1e-5)
 
