@@ -101,6 +101,11 @@ def build_text(
     return build(spec, out, LocalPathResolver(models), seed=seed, progress=False)
 
 
+def leftovers(parent: Path) -> list[str]:
+    """Everything in ``parent`` except the spec files build_text writes there."""
+    return sorted(p.name for p in parent.iterdir() if not p.name.startswith("spec-"))
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     """Every weight of an output folder, through its index (the only files loaders read)."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]

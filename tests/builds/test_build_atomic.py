@@ -7,16 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from build_helpers import build_text
+from build_helpers import build_text, leftovers
 from safetensors.torch import load_file, save_file
 
 from composer.checkpoint import CheckpointError
 from composer.errors import BuildError
-
-
-def _leftovers(parent: Path) -> list[str]:
-    """Everything in ``parent`` except the spec files build_text writes there."""
-    return sorted(p.name for p in parent.iterdir() if not p.name.startswith("spec-"))
 
 
 def _split_expert(src: Path, dst: Path, late_layer: int) -> Path:
@@ -54,7 +49,7 @@ def test_failure_while_writing_leaves_nothing(models: Path, tmp_path: Path) -> N
     _truncate(bad / "model-00002-of-00002.safetensors", keep=1000)
     with pytest.raises(CheckpointError, match=r"model-00002-of-00002.safetensors: truncated"):
         build_text(models, work / "out", text)
-    assert _leftovers(work) == ["good", "ref"]  # no "out", no ".out.tmp-*"
+    assert leftovers(work) == ["good", "ref"]  # no "out", no ".out.tmp-*"
 
 
 def test_truncated_expert_leaves_nothing(models: Path, tmp_path: Path) -> None:
@@ -65,7 +60,7 @@ def test_truncated_expert_leaves_nothing(models: Path, tmp_path: Path) -> None:
     text = f"method: compose\nstyle: flexolmo\nbase: base\nexperts: [{bad}, legal]\n"
     with pytest.raises(CheckpointError, match=r"truncated \(\d+ bytes, header promises \d+\)"):
         build_text(models, work / "out", text)
-    assert _leftovers(work) == []
+    assert leftovers(work) == []
 
 
 def test_corrupt_header_leaves_nothing(models: Path, tmp_path: Path) -> None:
@@ -78,7 +73,7 @@ def test_corrupt_header_leaves_nothing(models: Path, tmp_path: Path) -> None:
     text = f"method: compose\nstyle: btx\nbase: base\nexperts: [{bad}, legal]\n"
     with pytest.raises(CheckpointError, match=r"corrupted header"):
         build_text(models, work / "out", text)
-    assert _leftovers(work) == []
+    assert leftovers(work) == []
 
 
 def test_existing_output_is_refused_and_untouched(models: Path, tmp_path: Path) -> None:
@@ -90,7 +85,7 @@ def test_existing_output_is_refused_and_untouched(models: Path, tmp_path: Path) 
         build_text(models, out, text)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
-    assert _leftovers(tmp_path) == ["out"]
+    assert leftovers(tmp_path) == ["out"]
     # An empty folder counts as existing too.
     (out / "keep.txt").unlink()
     with pytest.raises(BuildError, match=r"already exists"):

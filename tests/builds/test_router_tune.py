@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from build_helpers import CAL_TEXT, bit_equal, build_text, config, load_model, tensors
+from build_helpers import (
+    CAL_TEXT,
+    bit_equal,
+    build_text,
+    config,
+    leftovers,
+    load_model,
+    tensors,
+)
 from safetensors.torch import load_file
 
 from composer.build import plan_for
@@ -226,11 +234,12 @@ def test_too_little_proxy_text_fails_mid_build_and_leaves_nothing(
 ) -> None:
     short = tmp_path / "short.txt"
     short.write_text("too short")  # fewer bytes than one sequence of 32
-    out = tmp_path / "out"
+    work = tmp_path / "work"
     with pytest.raises(BuildError, match=r"router.tune.proxy.legal: not enough text for one chunk"):
-        build_text(models, out, _spec("base", "code, legal", _tune_block(proxy, legal=str(short))))
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        build_text(
+            models, work / "out", _spec("base", "code, legal", _tune_block(proxy, legal=str(short)))
+        )
+    assert leftovers(work) == []
 
 
 @pytest.mark.parametrize(
