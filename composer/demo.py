@@ -42,7 +42,8 @@ SEQ_LEN = _env_int("SEQ_LEN", 128)
 BATCH = _env_int("BATCH", 8)
 EVAL_CHUNKS = _env_int("EVAL_CHUNKS", 24)
 LR = float(os.environ.get("COMPOSER_DEMO_LR", "3e-4"))
-PROXY_TOKENS = _env_int("PROXY_TOKENS", 32 * 128)  # router.tune.max_chunks x seq_len
+PROXY_TOKENS = _env_int("PROXY_TOKENS", 128 * 128)  # router.tune.max_chunks x seq_len
+PROXY_CHARS = _env_int("PROXY_CHARS", 2048)  # the beginning of each file: many files, not a few
 SERVE = os.environ.get("COMPOSER_DEMO_SERVE", "1") != "0"
 
 # Where each data owner's text lives on this machine (Debian + the Python that runs the demo).
@@ -116,7 +117,9 @@ def main() -> None:
 
     tok = HFTokenizer(public)
     for domain, paths in DOMAINS.items():
-        n_files, n_tokens = write_proxy_sample(paths, HOME / "proxy" / domain, tok, PROXY_TOKENS)
+        n_files, n_tokens = write_proxy_sample(
+            paths, HOME / "proxy" / domain, tok, PROXY_TOKENS, PROXY_CHARS
+        )
         console.print(f"  {domain}-owner: {n_files} files, {n_tokens} tokens -> proxy/{domain}")
 
     step("4. composer build examples/flexmix.yaml")
@@ -249,10 +252,17 @@ def _build(service: Any, spec: Any, out: Path) -> Path:
 
 
 def write_proxy_sample(
-    paths: list[str], dest: Path, tok: Any, tokens: int, heldout_fraction: float = 0.1
+    paths: list[str],
+    dest: Path,
+    tok: Any,
+    tokens: int,
+    chars_per_file: int = 2048,
+    heldout_fraction: float = 0.1,
 ) -> tuple[int, int]:
-    """Copy files of the owner's training split (never a held-out file: same split and order as
-    `composer expert train`) into ``dest`` until they hold ``tokens`` tokens."""
+    """Write the first ``chars_per_file`` characters of the owner's training files (never a
+    held-out file: same split and order as `composer expert train`) into ``dest`` as text, until
+    they hold ``tokens`` tokens. Beginnings of many files cover a domain better than a few whole
+    files: with two whole files, router tuning learned those two licences, not legal text."""
     from composer.expert_train import read_document, split_files
 
     train, _ = split_files(paths, heldout_fraction, seed=0)  # the order training read them in
@@ -261,12 +271,14 @@ def write_proxy_sample(
     for f in train:
         if n_tokens >= tokens:
             break
-        text = read_document(f)
+        text = read_document(f)  # decompressed, man pages without roff markup
         if text is None:
             continue
-        n_tokens += len(tok.encode(text)) + 1
+        text = text[:chars_per_file]
+        n_tokens += len(tok.encode(text)) + (tok.eos_id is not None)  # packing adds EOS
         n_files += 1
-        shutil.copyfile(f, dest / f"{n_files:03d}-{f.name}")  # copyright files share a name
+        name = f.name.removesuffix(".gz")
+        (dest / f"{n_files:03d}-{name}.txt").write_text(text)  # copyright files share a name
     return n_files, n_tokens
 
 
@@ -298,7 +310,7 @@ def _layers_yaml() -> str:
 def perplexity_table(
     public: Path, singles: dict[str, Path], untuned: Path, composed: Path
 ) -> Table:
-    from composer.expert_train import HFTokenizer, load_token_chunks, perplexity
+    from composer.expert_train import HFTokenizer, load_causal_lm, load_token_chunks, perplexity
 
     tok = HFTokenizer(public)
     heldout = {
@@ -312,7 +324,8 @@ def perplexity_table(
     models["composed (flexmix, router tuned)"] = composed
     results: dict[str, dict[str, float]] = {}
     for label, path in models.items():
-        results[label] = {d: perplexity(path, chunks) for d, chunks in heldout.items()}
+        model = load_causal_lm(path)  # once per model, not once per domain
+        results[label] = {d: perplexity(model, chunks) for d, chunks in heldout.items()}
         console.print(f"  {label}: " + ", ".join(f"{d} {v:.2f}" for d, v in results[label].items()))
     table = Table(title="held-out perplexity (lower is better)")
     table.add_column("model")

@@ -37,7 +37,7 @@ class TuneResult:
     rows: dict[int, torch.Tensor]  # MoE layer -> tuned router weight [E, hidden], float32
     bias: dict[int, torch.Tensor]  # MoE layer -> tuned router bias [E] (empty without bias)
     losses: list[float]  # training loss of every step
-    loss_before: float  # mean LM loss over every proxy sequence, before and after tuning
+    loss_before: float  # mean LM loss on the loss sample (see loss_sample), before and after
     loss_after: float
     sequences: dict[str, torch.Tensor]  # expert -> the proxy token sequences used
 
@@ -53,6 +53,7 @@ class TuneResult:
                 }
                 for name, seqs in self.sequences.items()
             },
+            "loss_sequences_per_expert": LOSS_SEQUENCES,
             "loss_before": round(self.loss_before, 6),
             "loss_after": round(self.loss_after, 6),
             "first_step_loss": round(self.losses[0], 6),
@@ -75,6 +76,17 @@ def proxy_sequences(
             raise BuildError(f"router.tune.proxy.{name}: {e}") from None
         out[name] = chunks.train
     return out
+
+
+# The before/after loss is measured on each expert's first LOSS_SEQUENCES proxy sequences: two
+# full passes over a large proxy sample would cost as much as the tuning itself.
+LOSS_SEQUENCES = 32
+
+
+def loss_sample(sequences: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sequences the recorded before/after loss is measured on: each expert's first
+    ``LOSS_SEQUENCES``, experts in order."""
+    return torch.cat([s[:LOSS_SEQUENCES] for s in sequences.values()])
 
 
 def trainable_routers(model: nn.Module, moe_layers: list[int]) -> list[nn.Parameter]:
@@ -114,7 +126,8 @@ def tune_routers(
     data = torch.cat(list(sequences.values()))
     params = trainable_routers(model, moe_layers)
     model.eval()  # no dropout: the loss is the model's own
-    loss_before = mean_nll(model, data, cfg.batch_size, cfg.bf16)
+    loss_data = loss_sample(sequences)
+    loss_before = mean_nll(model, loss_data, cfg.batch_size, cfg.bf16)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="router tune", disable=not progress, leave=False)
@@ -135,7 +148,7 @@ def tune_routers(
         for i in moe_layers:
             w = layers[i].mlp.gate.weight
             w.copy_(w.to(round_to).float())
-    loss_after = mean_nll(model, data, cfg.batch_size, cfg.bf16)
+    loss_after = mean_nll(model, loss_data, cfg.batch_size, cfg.bf16)
     rows = {i: layers[i].mlp.gate.weight.detach().float().clone() for i in moe_layers}
     bias = {
         i: layers[i].mlp.gate.router_bias.detach().float().clone()

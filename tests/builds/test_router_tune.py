@@ -23,7 +23,7 @@ from composer.errors import BuildError, PlanError
 from composer.expert_train import ByteTokenizer, mean_nll
 from composer.inputs import LocalPathResolver
 from composer.router_bias import load_composed
-from composer.router_tune import proxy_sequences
+from composer.router_tune import LOSS_SEQUENCES, loss_sample, proxy_sequences
 from composer.spec import RouterTuneSpec, SpecError, load_spec, parse_spec
 
 TUNE = """\
@@ -102,12 +102,23 @@ def test_recorded_losses_are_those_of_the_written_checkpoint(pair, proxy: dict[s
 
     files = {k: sorted(v.iterdir()) for k, v in proxy.items()}
     seqs = proxy_sequences(files, ByteTokenizer(), 32, 6, seed=0)
-    data = torch.cat(list(seqs.values()))
+    data = torch.cat(list(seqs.values()))  # 6 per expert: all of them are in the loss sample
+    assert torch.equal(loss_sample(seqs), data) and record["loss_sequences_per_expert"] >= 6
     with torch.no_grad():
         got_before = mean_nll(load_composed(plain.out_dir), data, 4, bf16=False)
         got_after = mean_nll(load_composed(tuned.out_dir), data, 4, bf16=False)
     assert got_before == pytest.approx(record["loss_before"], abs=1e-5)
     assert got_after == pytest.approx(record["loss_after"], abs=1e-5)
+
+
+def test_loss_sample_is_each_experts_first_sequences() -> None:
+    seqs = {
+        "a": torch.arange(40 * 3).reshape(40, 3),
+        "b": -torch.arange(5 * 3).reshape(5, 3),
+    }
+    got = loss_sample(seqs)
+    assert LOSS_SEQUENCES == 32
+    assert torch.equal(got, torch.cat([seqs["a"][:32], seqs["b"]]))
 
 
 def test_manifest_hashes_match_the_tuned_files(pair) -> None:
