@@ -184,7 +184,19 @@ def keys_create(
 def keys_list(json_out: JsonOpt = False) -> None:
     """List API keys (names and prefixes, never secrets)."""
     docs = _service().list_keys()
-    print_json(docs) if json_out else print_table("keys", docs, ["name", "prefix", "allow"])
+    columns = ["name", "prefix", "allow", "revoked_at"]
+    print_json(docs) if json_out else print_table("keys", docs, columns)
+
+
+@keys_app.command("revoke")
+@handles_errors
+def keys_revoke(name: str, json_out: JsonOpt = False) -> None:
+    """Revoke an API key; running servers refuse it from their next policy refresh."""
+    doc = _service().revoke_key(name)
+    if json_out:
+        print_json(doc)
+    else:
+        console.print(f"key '{name}' revoked at {doc['revoked_at']}")
 
 
 def _safe_url(url: str) -> str:

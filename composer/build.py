@@ -37,8 +37,8 @@ from composer.writer import (
     peak_rss,
     write_small,
 )
+from registry.composition import COMPOSITION_FILE
 
-MANIFEST_NAME = "composition.json"
 ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
 MERGE_METHODS = ("merge", "moe_merge")  # built by composer.merging
 
@@ -148,7 +148,7 @@ def _execute(
         if src.is_file():
             shutil.copyfile(src, tmp / name)
     tuning = _tune(plan, tmp, seed, progress, files, extras) if plan.spec.router.tune else None
-    write_manifest(tmp / MANIFEST_NAME, manifest(plan, seed, files, extras, tuning))
+    write_manifest(tmp / COMPOSITION_FILE, manifest(plan, seed, files, extras, tuning))
     return {**files, **extras}
 
 

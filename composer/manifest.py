@@ -9,8 +9,7 @@ from typing import Any
 
 from composer.inputs import ResolvedInput
 from composer.plan import PUBLIC_EXPERT, Plan
-
-FORMAT = "composer-composition/1"
+from registry.composition import COMPOSITION_FORMAT
 
 
 def library_versions() -> dict[str, str]:
@@ -62,7 +61,7 @@ def manifest(
             src = plan.base  # upcycled experts are copies of the base FFN
         experts.append({"index": idx, **input_record(src), "name": name, "source": src.name})
     return {
-        "format": FORMAT,
+        "format": COMPOSITION_FORMAT,
         "name": plan.spec.name,
         "method": plan.method,
         "architecture": plan.arch.architecture,

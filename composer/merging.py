@@ -39,9 +39,8 @@ from composer.plan import Step, check_consent
 from composer.spec import Spec, SpecError, parse_size
 from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
 from merge.errors import MergeError
+from registry.composition import COMPOSITION_FILE, COMPOSITION_FORMAT
 
-MANIFEST_NAME = "composition.json"
-MANIFEST_FORMAT = "composer-composition/1"
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -285,7 +284,7 @@ def build_merge(
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
             man = _manifest(plan, seed, files, extra)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+            (tmp / COMPOSITION_FILE).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
     except MergeError as exc:
         raise BuildError(f"{plan.method}: {exc}") from exc
     return BuildResult(
@@ -343,7 +342,7 @@ def _manifest(
     params = _effective_params(plan, seed).model_dump(mode="json", by_alias=True)
     cal = s.calibration
     return {
-        "format": MANIFEST_FORMAT,
+        "format": COMPOSITION_FORMAT,
         "name": plan.spec.name,
         "method": plan.method,
         "architecture": (plan.base_config.get("architectures") or [None])[0],

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from registry.errors import NotInitialisedError
 from registry.settings import database_url
@@ -30,6 +31,36 @@ def make_engine(url: str | None = None) -> Engine:
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def make_reader_engine(url: str, timeout_s: float = 2.0) -> Engine:
+    """A read-only engine whose every wait is bounded by `timeout_s`: for a server that must
+    answer while the registry is busy or down (serve/policy.py).
+
+    SQLite: the file must exist (``mode=ro`` never creates one), reads take no write lock
+    (deferred BEGIN, ``query_only``), and each read opens a fresh connection (NullPool), so a
+    file that was replaced or removed is seen at once. PostgreSQL: connect, statement and lock
+    timeouts, read-only transactions.
+    """
+    ms = max(1, int(timeout_s * 1000))
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        ro_url = f"sqlite:///file:{path}?mode=ro&uri=true"
+        engine = create_engine(ro_url, poolclass=NullPool, connect_args={"timeout": timeout_s})
+
+        @event.listens_for(engine, "connect")
+        def _read_only(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={ms}")
+            cur.execute("PRAGMA query_only=ON")
+            cur.close()
+
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+        return engine
+    options = f"-c statement_timeout={ms} -c lock_timeout={ms} -c default_transaction_read_only=on"
+    connect_args = {"connect_timeout": max(1, round(timeout_s)), "options": options}
+    return create_engine(url, poolclass=NullPool, connect_args=connect_args)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

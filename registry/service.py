@@ -7,9 +7,7 @@ so a failed command leaves neither rows nor orphan blobs.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from registry import db
 from registry.checkpoint import CheckpointInfo, hash_file, inspect_folder
 from registry.compat import EXPERT_KINDS, check_fits_base
 from registry.errors import CheckpointError, IntegrityFailure, RegistryError
+from registry.keys import hash_key, new_secret
 from registry.models import (
     ApiKey,
     Artifact,
@@ -352,7 +351,7 @@ class RegistryService:
 
     def create_key(self, name: str, allow: list[str]) -> dict[str, Any]:
         check_name(name, "key name")
-        secret = "ck_" + secrets.token_urlsafe(24)
+        secret = new_secret()
         try:
             with self.registry.session() as s:
                 if s.scalar(select(ApiKey).where(ApiKey.name == name)):
@@ -380,9 +379,29 @@ class RegistryService:
     def list_keys(self) -> list[dict[str, Any]]:
         with self.registry.session() as s:
             return [
-                {"name": k.name, "prefix": k.prefix, "allow": [e.name for e in k.allowed]}
+                {
+                    "name": k.name,
+                    "prefix": k.prefix,
+                    "allow": [e.name for e in k.allowed],
+                    "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+                }
                 for k in s.scalars(select(ApiKey).order_by(ApiKey.name))
             ]
+
+    def revoke_key(self, name: str) -> dict[str, Any]:
+        """Revoke a key for good: servers refuse it from their next policy refresh on."""
+        with self.registry.session() as s:
+            key = s.scalar(select(ApiKey).where(ApiKey.name == name))
+            if key is None:
+                raise RegistryError(f"unknown key '{name}' (see `composer keys list`)")
+            if key.revoked_at is not None:
+                raise RegistryError(f"key '{name}' was already revoked at {key.revoked_at}")
+            key.revoked_at = utcnow()
+            return {
+                "name": key.name,
+                "prefix": key.prefix,
+                "revoked_at": key.revoked_at.isoformat(),
+            }
 
     # ---- blob publication -----------------------------------------------------------------------
 
@@ -444,10 +463,6 @@ class RegistryService:
         )  # fmt: skip
         s.add(artifact)
         return artifact
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _find_version(expert: Expert, version: str) -> ExpertVersion | None:

@@ -121,7 +121,9 @@ def test_keys_create_stores_only_a_hash(registered):
     doc = _json(cli("keys", "create", "svc", "--allow", "code", "--json"))
     assert doc["allow"] == ["code"] and doc["key"].startswith("ck_")
     listed = _json(cli("keys", "list", "--json"))
-    assert listed == [{"name": "svc", "prefix": doc["key"][:8], "allow": ["code"]}]
+    assert listed == [
+        {"name": "svc", "prefix": doc["key"][:8], "allow": ["code"], "revoked_at": None}
+    ]
     engine = create_engine(cli.db_url)
     with engine.connect() as conn:
         (stored,) = conn.execute(text("SELECT key_sha256 FROM api_keys")).one()
