@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.experts import cache_salt, mask_indices
-from serve.masking import MASK_KEY
+from serve.experts import engine_fields
 from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
+
+SECRET = b"bench"
 
 
 def batch(masked: bool, n: int, tokens: int, rng: random.Random) -> tuple[list[Any], list[Any]]:
@@ -30,15 +31,16 @@ def batch(masked: bool, n: int, tokens: int, rng: random.Random) -> tuple[list[A
     prompts, params = [], []
     for _ in range(n):
         ids = [rng.randrange(3, 256) for _ in range(16)]
-        extra, salt = None, None
+        allowed = DEFAULT_EXPERTS  # what the server sends for a request that masks nothing
         if masked:
             k = rng.randrange(1, len(DEFAULT_EXPERTS))
             allowed = sorted(rng.sample(DEFAULT_EXPERTS, k), key=DEFAULT_EXPERTS.index)
-            extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, allowed)}
-            salt = cache_salt(DEFAULT_EXPERTS, allowed)
-        prompts.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
+        fields = engine_fields(DEFAULT_EXPERTS, allowed, SECRET)
+        prompts.append(TokensPrompt(prompt_token_ids=ids, cache_salt=fields["cache_salt"]))
         params.append(
-            SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+            SamplingParams(
+                max_tokens=tokens, temperature=0.0, ignore_eos=True, extra_args=fields["vllm_xargs"]
+            )
         )
     return prompts, params
 

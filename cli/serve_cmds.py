@@ -55,8 +55,14 @@ def serve(
         str | None, typer.Option(help="Model name clients use (default: the folder path).")
     ] = None,
     policy_ttl: Annotated[
-        float, typer.Option(help="Seconds a read of the registry's policies is reused.")
+        float, typer.Option(help="Seconds between background reads of the registry's policies.")
     ] = 2.0,
+    policy_max_staleness: Annotated[
+        float,
+        typer.Option(
+            help="Seconds without a good policy read after which requests get 503 (fail closed)."
+        ),
+    ] = 30.0,
     vllm_args: Annotated[
         list[str] | None, typer.Argument(help="Extra vLLM server arguments, after `--`.")
     ] = None,
@@ -82,5 +88,6 @@ def serve(
         registry_url=registry_url,
         served_model_name=served_model_name,
         policy_ttl=policy_ttl,
+        policy_max_staleness=policy_max_staleness,
         extra_args=vllm_args or [],
     )

@@ -4,14 +4,13 @@ engine-side mask and the prefix-cache salt. Pure logic (no HTTP, no database).""
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from serve.masking import MASK_KEY
-
-PUBLIC = "public"
 
 
 class ExpertsRequest(BaseModel):
@@ -39,7 +38,9 @@ def parse_experts_field(value: Any) -> ExpertsRequest:
         req = ExpertsRequest.model_validate(value)
     except ValidationError as e:
         msg = '`experts` must be {"include": [names]} or {"exclude": [names]}'
-        raise SelectionError(400, msg, errors=e.errors(include_url=False)) from None
+        raise SelectionError(
+            400, msg, errors=e.errors(include_url=False, include_input=False)
+        ) from None
     if req.include is not None and req.exclude is not None:
         raise SelectionError(400, "`experts` takes include or exclude, not both")
     return req
@@ -51,26 +52,25 @@ def select_experts(
     """Experts a request may use, in router order.
 
     `names` are the model's experts (router order); `permitted` are those the policy lets this
-    caller use. Unknown names -> 400; including a forbidden expert -> 403; nothing left -> 400.
+    caller use. A name the caller may not use is refused the same way whether it exists or not
+    (403, listing only the names the caller may use), so errors never reveal restricted or
+    opted-out experts. Nothing left -> 400.
     """
+    available = [n for n in names if n in permitted]
     asked = request.include if request.include is not None else request.exclude or []
-    unknown = sorted(set(asked) - set(names))
-    if unknown:
+    unavailable = sorted(set(asked) - set(available))
+    if unavailable:
         raise SelectionError(
-            400, f"unknown experts: {', '.join(unknown)}", unknown=unknown, valid=list(names)
+            403,
+            f"experts not available to this caller: {', '.join(unavailable)}",
+            unavailable=unavailable,
+            available=available,
         )
     if request.include is not None:
-        forbidden = sorted(set(request.include) - permitted)
-        if forbidden:
-            raise SelectionError(
-                403,
-                f"experts not allowed for this key: {', '.join(forbidden)}",
-                forbidden=forbidden,
-            )
         chosen = set(request.include)
     else:
-        chosen = set(names) - set(request.exclude or [])
-    allowed = tuple(n for n in names if n in chosen and n in permitted)
+        chosen = set(available) - set(request.exclude or [])
+    allowed = tuple(n for n in available if n in chosen)
     if not allowed:
         raise SelectionError(400, "no expert left: at least one expert must stay enabled")
     return allowed
@@ -80,20 +80,23 @@ def mask_indices(names: Sequence[str], allowed: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(names) if n in allowed]
 
 
-def cache_salt(names: Sequence[str], allowed: Sequence[str]) -> str | None:
+def cache_salt(indices: Sequence[int], secret: bytes) -> str:
     """Prefix-cache salt for a mask: requests with different masks never share KV blocks.
 
-    The all-experts mask keeps no salt, so unmasked requests share the cache as usual.
+    Keyed by a per-server secret, so a client cannot compute (and pre-fill) the salt of any
+    mask; every mask has one, the full one too.
     """
-    if len(allowed) == len(names):
-        return None
-    digest = hashlib.sha256(",".join(allowed).encode()).hexdigest()[:16]
-    return f"composer-experts-{digest}"
+    digest = hmac.new(secret, ",".join(map(str, indices)).encode(), hashlib.sha256).hexdigest()
+    return f"composer-{digest[:32]}"
 
 
-def engine_fields(names: Sequence[str], allowed: Sequence[str]) -> dict[str, Any]:
-    """Extra request-body fields for vLLM's OpenAI server (`vllm_xargs`, `cache_salt`)."""
-    salt = cache_salt(names, allowed)
-    if salt is None:
-        return {}
-    return {"vllm_xargs": {MASK_KEY: mask_indices(names, allowed)}, "cache_salt": salt}
+def engine_fields(
+    names: Sequence[str], allowed: Sequence[str], secret: bytes, client_salt: str | None = None
+) -> dict[str, Any]:
+    """Request-body fields for vLLM's OpenAI server: the explicit mask (`vllm_xargs`) and the
+    salt, the server's first; a client salt can only split the cache further."""
+    indices = mask_indices(names, allowed)
+    salt = cache_salt(indices, secret)
+    if client_salt:
+        salt = f"{salt}:{client_salt}"
+    return {"vllm_xargs": {MASK_KEY: indices}, "cache_salt": salt}

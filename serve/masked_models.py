@@ -13,8 +13,10 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
 from composer.router_bias import read_router_bias
+from registry.composition import read_slot_bindings
 from serve.masking import install_gate_masks, install_runner_hook
 from serve.moe_backend import BACKEND_ENV, install_composer_moe, moe_backend
+from serve.policy import expert_names
 
 logger = init_logger(__name__)
 
@@ -45,7 +47,11 @@ def _install(model: Any, vllm_config: Any) -> None:
             "(compiled graphs or CUDA graphs would freeze them)."
         )
     logger.info("Composer MoE backend: %s (%s=composer|vllm)", backend, BACKEND_ENV)
-    install_runner_hook(_num_experts(config))
+    path = vllm_config.model_config.model
+    slots = read_slot_bindings(path, expert_names(path)) or []
+    default = [s.index for s in slots if s.kind == "base"]
+    logger.info("Composer: requests without an expert mask use experts %s", default or "none")
+    install_runner_hook(_num_experts(config), default)
 
 
 class MaskedMixtralForCausalLM(MixtralForCausalLM):

@@ -12,6 +12,9 @@ A masked logit gets MASK_VALUE: finite (no inf - inf = NaN if a row were ever fu
 so negative that exp() underflows to exactly 0 in float32 and bfloat16. The expert then drops
 out of the softmax denominator too, so masking equals removal for both Mixtral (top-k then
 renormalise) and FlexOlmo (softmax over all experts, no renormalisation).
+
+Fail closed: a request without a mask gets the public base slots only (`resolve_allowed`), an
+unreadable one no expert, and a token allowed no expert gets a zero MoE output.
 """
 
 from __future__ import annotations
@@ -28,25 +31,38 @@ from composer.checkpoint import layer_of
 MASK_KEY = "composer_allowed_experts"
 MASK_VALUE = -1.0e9
 
-# The mask of the step being run: (num_scheduled_tokens, num_experts), or None when no request
-# in the step carries a mask (then gates run unchanged, at zero cost).
+# The mask of the step being run: (num_scheduled_tokens, num_experts), or None when every
+# request in the step may use every expert (then gates run unchanged, at zero cost).
 _current_mask: torch.Tensor | None = None
+# Rows of that mask that allow no expert at all: [T, 1] bool, or None when there are none.
+_current_dead: torch.Tensor | None = None
 _num_experts: int = 0
+# What a request without a mask gets: the ungoverned base slots (the public model), never all.
+_default_allowed: tuple[int, ...] = ()
 # Request id -> its allowed experts, parsed once per request rather than once per step.
 _allowed_by_req: dict[str, tuple[Any, tuple[int, ...] | None]] = {}
 
 
-def allowed_from_extra_args(extra_args: dict[str, Any] | None) -> tuple[int, ...] | None:
-    """The allowed expert indices a request asked for, or None for "all experts"."""
+def resolve_allowed(
+    extra_args: dict[str, Any] | None, num_experts: int, default: tuple[int, ...] = ()
+) -> tuple[int, ...] | None:
+    """The experts a request may use: sorted indices, or None when that is every expert.
+
+    Fail closed: a request without a mask gets `default` (the server always sends one; only a
+    path that bypasses it, such as vLLM's beam search, would not), an unreadable mask gets
+    no expert, and indices outside the model are ignored.
+    """
     if not extra_args or MASK_KEY not in extra_args:
-        return None
-    value = extra_args[MASK_KEY]
+        value: Any = default
+    else:
+        value = extra_args[MASK_KEY]
     if isinstance(value, (int, str)):
         value = [value]
     try:
-        return tuple(sorted({int(v) for v in value}))
+        allowed = tuple(sorted({i for i in (int(v) for v in value) if 0 <= i < num_experts}))
     except (TypeError, ValueError):
-        return ()  # unreadable mask: fail closed (every expert masked) rather than crash
+        return ()
+    return None if len(allowed) == num_experts else allowed
 
 
 @lru_cache(maxsize=1024)
@@ -85,12 +101,28 @@ def build_token_mask(
 
 
 def set_current_mask(mask: torch.Tensor | None) -> None:
-    global _current_mask
+    global _current_mask, _current_dead
+    if mask is _current_mask:  # steady decoding: the same cached mask, step after step
+        return
     _current_mask = mask
+    dead = None if mask is None else (mask == MASK_VALUE).all(dim=1, keepdim=True)
+    _current_dead = dead if dead is not None and bool(dead.any()) else None
 
 
 def current_mask() -> torch.Tensor | None:
     return _current_mask
+
+
+def zero_dead_rows(out: torch.Tensor) -> torch.Tensor:
+    """Zero the MoE output of tokens whose mask allows no expert (additive masking alone would
+    leave their logits all equal, and top-k would still pick experts)."""
+    dead = _current_dead
+    if dead is None:
+        return out
+    n = out.shape[0]
+    if dead.shape[0] < n:  # padded batch: padding tokens stay unmasked
+        dead = torch.cat([dead, dead.new_zeros((n - dead.shape[0], 1))])
+    return out.masked_fill(dead[:n].to(out.device), 0.0)
 
 
 def apply_mask(router_logits: torch.Tensor) -> torch.Tensor:
@@ -117,22 +149,50 @@ def install_gate_masks(
 
     `router_bias` (layer -> [E]) is added to that layer's logits on every step: the FlexOlmo
     experts' trained bias, which Mixtral's checkpoint format has no tensor for. Gates of
-    `dense_layers` (identical copies of a dense FFN, see docs/spec.md) are never masked.
+    `dense_layers` (identical copies of a dense FFN, see docs/spec.md) are never masked. The
+    MoE runners of masked layers zero the output of tokens that may use no expert.
     """
+    from vllm.model_executor.layers.fused_moe import MoERunner
     from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 
     masked_cls = _masked_gate_class(GateLinear)
     bias = router_bias or {}
     count = 0
     for name, module in model.named_modules():
+        layer = layer_of(name)
         if isinstance(module, GateLinear):
             if type(module) is not masked_cls:
                 module.__class__ = masked_cls
-            layer = layer_of(name)
             module._composer_bias = bias.get(layer)  # type: ignore[attr-defined]
             module._composer_masked = layer not in dense_layers  # type: ignore[attr-defined]
             count += 1
+        elif isinstance(module, MoERunner) and layer not in dense_layers:
+            module.__class__ = _dead_zeroing_runner_class(type(module))
     return count
+
+
+_ZEROING_RUNNER: dict[type, type] = {}
+
+
+def _dead_zeroing_runner_class(base: type) -> type:
+    if base in _ZEROING_RUNNER.values():
+        return base
+    if base not in _ZEROING_RUNNER:
+
+        def _apply_quant_method(
+            self: Any, hidden_states: torch.Tensor, *args: Any, **kw: Any
+        ) -> Any:
+            shared, routed = base._apply_quant_method(self, hidden_states, *args, **kw)
+            if _current_dead is not None:
+                if not isinstance(routed, torch.Tensor):  # cannot zero it: refuse, never leak
+                    raise RuntimeError("tokens allowing no expert on a non-tensor MoE output")
+                routed = zero_dead_rows(routed)
+            return shared, routed
+
+        _ZEROING_RUNNER[base] = type(
+            f"Masked{base.__name__}", (base,), {"_apply_quant_method": _apply_quant_method}
+        )
+    return _ZEROING_RUNNER[base]
 
 
 _MASKED_GATE: dict[type, type] = {}
@@ -161,10 +221,14 @@ def _masked_gate_class(base: type) -> type:
     return _MASKED_GATE[base]
 
 
-def install_runner_hook(num_experts: int) -> None:
-    """Wrap the V1 model runner's `_prepare_inputs` to publish each step's token mask."""
-    global _num_experts
+def install_runner_hook(num_experts: int, default_allowed: Sequence[int] = ()) -> None:
+    """Wrap the V1 model runner's `_prepare_inputs` to publish each step's token mask.
+
+    `default_allowed`: the experts of a request that carries no mask (the public base slots).
+    """
+    global _num_experts, _default_allowed
     _num_experts = num_experts
+    _default_allowed = tuple(default_allowed)
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._prepare_inputs
@@ -182,7 +246,8 @@ def install_runner_hook(num_experts: int) -> None:
             cached = _allowed_by_req.get(req_id)
             # Same id but another request object (ids can be client-chosen): parse again.
             if cached is None or cached[0] is not params:
-                cached = (params, allowed_from_extra_args(getattr(params, "extra_args", None)))
+                extra = getattr(params, "extra_args", None)
+                cached = (params, resolve_allowed(extra, _num_experts, _default_allowed))
                 _allowed_by_req[req_id] = cached
             allowed.append(cached[1])
         mask = build_token_mask(allowed, num_scheduled_tokens[: len(req_ids)], _num_experts)

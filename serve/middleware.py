@@ -1,27 +1,30 @@
 """ASGI middleware in front of vLLM's OpenAI server: API keys, the `experts` field, policy.
 
 For /v1/completions and /v1/chat/completions it turns the client's `experts` choice plus the
-registry's policy into the engine's mask (`vllm_xargs`) and prefix-cache salt (`cache_salt`),
-and reports the experts used (`experts` in the JSON or every stream chunk, and the
-`x-composer-experts` header). vLLM loads it with `--middleware serve.middleware.ExpertsMiddleware`,
-so it is configured from the environment (see `ServeSettings`).
+registry's policy into the engine's explicit mask (`vllm_xargs`) and prefix-cache salt
+(`cache_salt`), and reports the experts used (`experts` in the JSON or every stream chunk, and
+the `x-composer-experts` header). Every POST body is size-capped, depth-checked and matched
+against the endpoint's allow-list (serve/request_fields.py) before vLLM sees it. vLLM loads it
+with `--middleware serve.middleware.ExpertsMiddleware`, so it is configured from the environment
+(see `ServeSettings`). docs/serving.md has the threat model.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
+import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from registry.keys import hash_key
+from registry.policy_snapshot import PolicySnapshot
 from serve.experts import SelectionError, engine_fields, parse_experts_field, select_experts
-from serve.masking import MASK_KEY
-from serve.policy import PolicySnapshot, PolicySource, hash_key
+from serve.policy import PolicyRefresher, PolicyUnavailable, expert_names, load_bindings, permitted
+from serve.request_fields import FIELDS, MAX_DEPTH, check_fields, json_depth
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -32,17 +35,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 log = logging.getLogger("composer.serve")
 
 GENERATE_PATHS = {"/v1/completions", "/v1/chat/completions"}
-OPEN_PATHS = {"/health", "/metrics", "/ping", "/version"}
+HEALTH_PATH = "/health"
+OPEN_PATHS = {"/metrics", "/ping", "/version"}
 # Everything else vLLM offers (responses, messages, generate, ...) would run the model without
 # our mask, so it is not exposed: an allow-list keeps new vLLM endpoints closed too.
-KEYED_PATHS = GENERATE_PATHS | {"/v1/models", "/tokenize", "/detokenize"}
+KEYED_PATHS = set(FIELDS) | {"/v1/models"}
 HEADER = b"x-composer-experts"
-MAX_BODY = 8 << 20
+MAX_BODY = 1 << 20
 
 ENV_MODEL = "COMPOSER_SERVE_MODEL"
 ENV_API_KEYS = "COMPOSER_SERVE_API_KEYS"
 ENV_REGISTRY = "COMPOSER_SERVE_REGISTRY_URL"
 ENV_POLICY_TTL = "COMPOSER_SERVE_POLICY_TTL"
+ENV_POLICY_MAX_STALENESS = "COMPOSER_SERVE_POLICY_MAX_STALENESS"
+ENV_MOE_BACKEND = "COMPOSER_SERVE_MOE_BACKEND"
 
 
 class ServeSettings(BaseModel):
@@ -51,7 +57,9 @@ class ServeSettings(BaseModel):
     model_path: str
     api_keys: bool = False
     registry_url: str | None = None
-    policy_ttl: float = 2.0
+    policy_ttl: float = 2.0  # seconds between background policy reads
+    policy_max_staleness: float = 30.0  # older policy is not used: 503 until a read succeeds
+    moe_backend: str | None = None  # as chosen at start-up, reported by /health
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -60,6 +68,8 @@ class ServeSettings(BaseModel):
             api_keys=os.environ.get(ENV_API_KEYS, "0") == "1",
             registry_url=os.environ.get(ENV_REGISTRY) or None,
             policy_ttl=float(os.environ.get(ENV_POLICY_TTL, "2.0")),
+            policy_max_staleness=float(os.environ.get(ENV_POLICY_MAX_STALENESS, "30.0")),
+            moe_backend=os.environ.get(ENV_MOE_BACKEND) or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -67,25 +77,22 @@ class ServeSettings(BaseModel):
             ENV_MODEL: self.model_path,
             ENV_API_KEYS: "1" if self.api_keys else "0",
             ENV_POLICY_TTL: str(self.policy_ttl),
+            ENV_POLICY_MAX_STALENESS: str(self.policy_max_staleness),
         }
         if self.registry_url:
             env[ENV_REGISTRY] = self.registry_url
+        if self.moe_backend:
+            env[ENV_MOE_BACKEND] = self.moe_backend
         return env
 
 
-def expert_names(model_path: str | Path) -> list[str]:
-    """Router-order expert names from config.json (`composer_experts`, which `composer build`
-    writes), else expert_<i>."""
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    names = config.get("composer_experts")
-    if names:
-        return [str(n) for n in names]
-    n = config.get("num_local_experts") or config.get("num_experts") or 0
-    return [f"expert_{i}" for i in range(int(n))]
-
-
 def _error(status: int, message: str, **extra: Any) -> tuple[int, bytes]:
-    kind = {401: "authentication_error", 403: "permission_error"}.get(status, "invalid_request")
+    kind = {
+        401: "authentication_error",
+        403: "permission_error",
+        413: "request_too_large",
+        503: "service_unavailable",
+    }.get(status, "invalid_request")
     body = {"error": {"message": message, "type": kind, "code": status, **extra}}
     return status, json.dumps(body).encode()
 
@@ -95,43 +102,67 @@ class ExpertsMiddleware:
         self.app = app
         self.settings = settings or ServeSettings.from_env()
         self.names = expert_names(self.settings.model_path)
-        self.policy = PolicySource(self.settings.registry_url, ttl=self.settings.policy_ttl)
+        self.bindings = load_bindings(self.settings.model_path, self.settings.registry_url)
+        # Keys the prefix-cache salts: clients can neither compute nor collide with them.
+        self.salt_secret = secrets.token_bytes(32)
+        self.policy: PolicyRefresher | None = None
+        if self.settings.registry_url:
+            self.policy = PolicyRefresher.for_registry(
+                self.settings.registry_url,
+                self.bindings,
+                interval=self.settings.policy_ttl,
+                max_staleness=self.settings.policy_max_staleness,
+            ).start()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in OPEN_PATHS:
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
             return
-        if scope["type"] != "http" or scope["path"] not in KEYED_PATHS:
-            if scope["type"] == "http":
-                await _respond(send, *_error(404, f"{scope['path']} is not served"))
-            elif scope["type"] == "lifespan":
-                await self.app(scope, receive, send)
+        if scope["type"] != "http":
             return  # websockets: refused by not accepting
+        path = scope["path"]
+        if path == HEALTH_PATH:
+            await self._health(scope, receive, send)
+            return
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if path not in KEYED_PATHS:
+            await _respond(send, *_error(404, f"{path} is not served"))
+            return
         try:
-            snapshot = await asyncio.to_thread(self.policy.snapshot)
+            snapshot = self._snapshot()
             key = self._authenticate(scope, snapshot)
+        except PolicyUnavailable as e:
+            await _respond(send, *_error(503, str(e)))
+            return
         except SelectionError as e:
             await _respond(send, *_error(e.status, str(e)))
             return
-        except Exception:
-            log.exception("policy lookup failed")
-            await _respond(send, *_error(503, "policy registry unavailable"))
-            return
-        if scope["path"] not in GENERATE_PATHS or scope.get("method") != "POST":
+        if scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
         try:
-            raw = await _read_body(receive)
-            body, allowed = self._rewrite(raw, snapshot.permitted(self.names, key))
+            body = await _read_json(scope, receive)
+            check_fields(path, body)
+            allowed: tuple[str, ...] | None = None
+            if path in GENERATE_PATHS:
+                allowed = self._apply_experts(body, permitted(self.bindings, snapshot, key))
         except SelectionError as e:
             await _respond(send, *_error(e.status, str(e), **_extra(e)))
             return
         data = json.dumps(body).encode()
         scope = dict(scope)
         scope["headers"] = [
-            (k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length",)
-        ] + [(b"content-length", str(len(data)).encode())]
-        await self.app(scope, _replay(data), _ReportingSend(send, list(allowed)))
+            (k, v)
+            for k, v in scope["headers"]
+            if k.lower() not in (b"content-length", b"content-type")
+        ] + [(b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]
+        downstream = _ReportingSend(send, list(allowed)) if allowed is not None else send
+        await self.app(scope, _replay(data, receive), downstream)
+
+    def _snapshot(self) -> PolicySnapshot:
+        return self.policy.current() if self.policy is not None else PolicySnapshot()
 
     def _authenticate(self, scope: Scope, snapshot: PolicySnapshot) -> str | None:
         if not self.settings.api_keys:
@@ -145,37 +176,40 @@ class ExpertsMiddleware:
             raise SelectionError(401, "invalid API key")
         return digest
 
-    def _rewrite(self, raw: bytes, permitted: set[str]) -> tuple[dict[str, Any], tuple[str, ...]]:
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise SelectionError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise SelectionError(400, "request body must be a JSON object")
+    def _apply_experts(self, body: dict[str, Any], allowed_names: set[str]) -> tuple[str, ...]:
+        """Replace the client's `experts` by the engine's mask and salt; the experts used."""
         request = parse_experts_field(body.pop("experts", None))
-        allowed = select_experts(self.names, request, permitted)
-        xargs = body.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            raise SelectionError(400, "`vllm_xargs` must be an object")
-        xargs = {k: v for k, v in (xargs or {}).items() if k != MASK_KEY}  # the server decides
-        fields = engine_fields(self.names, allowed)
-        xargs.update(fields.get("vllm_xargs", {}))
-        if xargs:
-            body["vllm_xargs"] = xargs
-        else:
-            body.pop("vllm_xargs", None)
-        if "cache_salt" in fields:
-            client_salt = body.get("cache_salt")
-            salt = fields["cache_salt"]
-            body["cache_salt"] = f"{salt}:{client_salt}" if isinstance(client_salt, str) else salt
-        return body, allowed
+        allowed = select_experts(self.names, request, allowed_names)
+        body.pop("vllm_xargs", None)  # check_fields allows only an empty one
+        body.update(engine_fields(self.names, allowed, self.salt_secret, body.get("cache_salt")))
+        return allowed
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """vLLM's health, plus the policy's age and the MoE backend; 503 when policy is stale."""
+        status = await _status_of(self.app, scope, receive)
+        doc: dict[str, Any] = {"engine": "ok" if status == 200 else f"unhealthy ({status})"}
+        if self.settings.moe_backend:
+            doc["moe_backend"] = self.settings.moe_backend
+        if self.policy is not None:
+            doc["policy"] = self.policy.status()
+            if not doc["policy"]["fresh"]:
+                status = 503
+        doc["status"] = "ok" if status == 200 else "unhealthy"
+        body = json.dumps(doc).encode()
+        await _respond(send, status, body)
 
 
 def _extra(e: SelectionError) -> dict[str, Any]:
     return {k: v for k, v in e.detail.items() if k != "message"}
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_json(scope: Scope, receive: Receive) -> dict[str, Any]:
+    """The request body as a JSON object, at most MAX_BODY bytes and MAX_DEPTH deep."""
+    declared = dict(scope["headers"]).get(b"content-length")
+    if declared is not None and not declared.isdigit():
+        raise SelectionError(400, "invalid Content-Length header")
+    if declared is not None and int(declared) > MAX_BODY:
+        raise SelectionError(413, f"request body too large (limit {MAX_BODY} bytes)")
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -184,23 +218,46 @@ async def _read_body(receive: Receive) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise SelectionError(413, "request body too large")
+            raise SelectionError(413, f"request body too large (limit {MAX_BODY} bytes)")
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            break
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise SelectionError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise SelectionError(400, "request body must be a JSON object")
+    if json_depth(body) > MAX_DEPTH:
+        raise SelectionError(400, f"request body is nested too deeply (limit {MAX_DEPTH} levels)")
+    return body
 
 
-def _replay(data: bytes) -> Receive:
+def _replay(data: bytes, receive: Receive) -> Receive:
+    """The rewritten body once, then the client's own messages: a disconnect reaches vLLM,
+    which aborts the request."""
     sent = False
 
-    async def receive() -> Message:
+    async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": data, "more_body": False}
-        return await asyncio.Event().wait()  # type: ignore[func-returns-value]
+        return await receive()
 
-    return receive
+    return replay
+
+
+async def _status_of(app: ASGIApp, scope: Scope, receive: Receive) -> int:
+    status = 500
+
+    async def capture(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+
+    await app(scope, receive, capture)
+    return status
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from registry.errors import ComposerError
 from serve.middleware import ServeSettings
+from serve.policy import PolicyRefresher, load_bindings
 
 MIDDLEWARE = "serve.middleware.ExpertsMiddleware"
 
@@ -48,6 +50,7 @@ def run_server(
     registry_url: str | None = None,
     served_model_name: str | None = None,
     policy_ttl: float = 2.0,
+    policy_max_staleness: float = 30.0,
     extra_args: Sequence[str] = (),
 ) -> None:
     """Serve `model_path` until interrupted. Blocks; returns when the server stops."""
@@ -61,11 +64,19 @@ def run_server(
         api_keys=api_keys,
         registry_url=registry_url,
         policy_ttl=policy_ttl,
+        policy_max_staleness=policy_max_staleness,
     )
-    if registry_url:  # fail at start, not on the first request, if the registry is unreadable
-        from serve.policy import read_snapshot
-
-        read_snapshot(registry_url)
+    # Fail at start, not on the first request: slots that cannot be bound to the registry, or a
+    # registry that cannot be read.
+    bindings = load_bindings(model_path, registry_url)
+    if registry_url:
+        refresher = PolicyRefresher.for_registry(
+            registry_url, bindings, interval=policy_ttl, max_staleness=policy_max_staleness
+        )
+        if not refresher.refresh():
+            raise ComposerError(
+                f"cannot read the policy registry: {refresher.status()['last_error']}"
+            )
     os.environ.update(settings.to_env())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint: never ask the Hub
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
@@ -90,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--registry-url", default=None)
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--policy-ttl", type=float, default=2.0)
+    parser.add_argument("--policy-max-staleness", type=float, default=30.0)
     args, extra = parser.parse_known_args(argv)
     run_server(
         args.model_path,
@@ -99,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         registry_url=args.registry_url,
         served_model_name=args.served_model_name,
         policy_ttl=args.policy_ttl,
+        policy_max_staleness=args.policy_max_staleness,
         extra_args=extra,
     )
 

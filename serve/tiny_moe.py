@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from composer.tiny_models import TINY_DIMS
+from registry.composition import COMPOSITION_FILE
 
 MoeKind = Literal["mixtral", "flexolmo"]
 
@@ -86,7 +87,7 @@ def prune_expert(src: Path, dst: Path, name: str) -> Path:
                 if pruned is not None:
                     out[pruned[0]] = pruned[1]
             save_file(out, dst / f.name, metadata={"format": "pt"})
-        elif f.is_file():
+        elif f.is_file() and f.name != COMPOSITION_FILE:  # the pruned model is another model
             (dst / f.name).write_bytes(f.read_bytes())
     _patch_config(dst, expert_names=[names[i] for i in keep])
     return dst

@@ -15,6 +15,8 @@ import pytest
 import torch
 from build_helpers import build_text, config, load_model
 
+from tests.serve.server_fixtures import offline_request
+
 pytestmark = pytest.mark.slow
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [100, 3], [42]]
@@ -41,8 +43,7 @@ def test_vllm_serves_the_composition_like_transformers(models: Path, tmp_path: P
     assert config(out)["composer_dense_layers"] == [0]
     want = [_transformers_greedy(out, p) for p in PROMPTS]
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     llm = LLM(
         model=str(out),
@@ -55,12 +56,14 @@ def test_vllm_serves_the_composition_like_transformers(models: Path, tmp_path: P
         seed=0,
     )
     try:
-        params = SamplingParams(
-            max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False
-        )
-        outs = llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False
-        )
+        requests = [
+            offline_request(
+                llm, p, None, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                detokenize=False,
+            )  # every expert, as the server sends it: the engine never defaults to all
+            for p in PROMPTS
+        ]  # fmt: skip
+        outs = llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
         got = [list(o.outputs[0].token_ids) for o in outs]
     finally:
         llm.llm_engine.engine_core.shutdown()

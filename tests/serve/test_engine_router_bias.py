@@ -15,6 +15,7 @@ from composer.inputs import LocalPathResolver
 from composer.router_bias import load_composed, read_router_bias
 from composer.spec import parse_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
+from tests.serve.server_fixtures import offline_request
 
 pytestmark = pytest.mark.slow
 
@@ -54,8 +55,7 @@ def _hf_greedy(model: torch.nn.Module) -> list[list[int]]:
 
 def test_engine_applies_the_router_bias(composed: Path) -> None:
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     assert sorted(read_router_bias(composed)) == [0, 1]
     want = _hf_greedy(load_composed(composed))
@@ -67,8 +67,11 @@ def test_engine_applies_the_router_bias(composed: Path) -> None:
         block_size=32, kv_cache_memory_bytes=64 << 20, seed=0, skip_tokenizer_init=True,
     )  # fmt: skip
     try:
-        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
+        requests = [
+            offline_request(llm, p, None, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+            for p in PROMPTS
+        ]
+        outs = llm.generate([r[0] for r in requests], [r[1] for r in requests])
         got = [list(o.outputs[0].token_ids) for o in outs]
     finally:
         llm.llm_engine.engine_core.shutdown()

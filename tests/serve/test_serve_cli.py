@@ -84,3 +84,13 @@ def test_cli_refuses_bad_targets_with_one_line_and_exit_2(home: Path, tmp_path: 
     ]
     proc = serve(str(_model(tmp_path / "m")), "--api-keys", "on")
     assert proc.returncode == 2 and "--api-keys on needs a registry" in proc.stderr
+    # With a registry, a composer build that lost its composition.json cannot be bound to its
+    # experts' policies: refused before vLLM starts, not served ungoverned.
+    upgrade()
+    model = _model(tmp_path / "orphan")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "composer_experts": ["public", "a"]}))
+    proc = serve(str(model), "--policy-max-staleness", "10")
+    assert proc.returncode == 2 and "composition.json is missing" in proc.stderr
+    proc = serve(str(_model(tmp_path / "m2")), "--policy-ttl", "5", "--policy-max-staleness", "5")
+    assert proc.returncode == 2 and "must exceed the refresh interval" in proc.stderr
