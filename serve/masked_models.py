@@ -1,7 +1,7 @@
 """Masked subclasses of the composed architectures vLLM serves.
 
-Per-request masks: serve/masking.py. MoE layers run our kernels (serve/moe_backend.py) unless
-COMPOSER_MOE_BACKEND=vllm, which keeps vLLM's fused MoE with the mask added by the gates.
+Per-request masks: serve/masking.py. MoE layers run vLLM's fused MoE with the mask added by the
+gates, or our kernels (serve/moe_backend.py), as COMPOSER_MOE_BACKEND (default auto) chooses.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _install(model: Any, vllm_config: Any) -> None:
     config = vllm_config.model_config.hf_config
     bias = read_router_bias(vllm_config.model_config.model)
     dense = getattr(config, "composer_dense_layers", None) or ()
-    backend = moe_backend()
+    backend, why = moe_backend()
     if backend == "composer":
         # Our kernels route (bias, mask) and run the experts; the gates stay vLLM's.
         if install_composer_moe(model, vllm_config, bias, dense) == 0:
@@ -46,7 +46,7 @@ def _install(model: Any, vllm_config: Any) -> None:
             "Composer expert masks are per-step data read in Python: run with --enforce-eager "
             "(compiled graphs or CUDA graphs would freeze them)."
         )
-    logger.info("Composer MoE backend: %s (%s=composer|vllm)", backend, BACKEND_ENV)
+    logger.info("Composer MoE backend: %s (%s; %s=auto|composer|vllm)", backend, why, BACKEND_ENV)
     path = vllm_config.model_config.model
     slots = read_slot_bindings(path, expert_names(path)) or []
     default = [s.index for s in slots if s.kind == "base"]

@@ -1,8 +1,10 @@
 """Run the served models' MoE layers through our kernels (serve/kernels) inside vLLM.
 
-`COMPOSER_MOE_BACKEND` (read in the engine process when the model is built):
+`COMPOSER_MOE_BACKEND` (read in the engine process when the model is built; `composer serve`
+resolves it once at start, logs the choice and reports it in /health):
 
-- ``composer`` (default): every vLLM MoE runner of the model computes
+- ``auto`` (default): the fastest exact backend measured for the device type (`FASTEST`).
+- ``composer``: every vLLM MoE runner of the model computes
   ``route(router_logits, top_k, variant, bias, mask)`` then ``fused_experts(hidden, w13, w2, ...)``
   from `serve.kernels`: Triton kernels on CUDA tensors, the torch reference elsewhere (CPU). The
   gates are vLLM's, unchanged; the layer's router bias and the step's per-token mask are passed
@@ -39,13 +41,28 @@ from serve.kernels import Variant, fused_experts, route, selected_backend
 BACKEND_ENV = "COMPOSER_MOE_BACKEND"
 BACKENDS = ("composer", "vllm")
 
+# The fastest exact backend per device type, from side-by-side measurements; ours becomes the
+# default on a device only once a measurement shows it at least as fast. CPU: vLLM's fused MoE
+# (`bench/serve_overhead.py --compare-backends`, docs/serving.md). CUDA: not measured yet
+# (no CUDA vLLM on this project's GPU hosts), so vLLM's tuned kernels; docs/kernels.md.
+FASTEST: dict[str, str] = {"cpu": "vllm", "cuda": "vllm"}
 
-def moe_backend() -> str:
-    """The MoE backend this process uses: `COMPOSER_MOE_BACKEND`, default ``composer``."""
-    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "composer"
-    if value not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {', '.join(BACKENDS)}")
-    return value
+
+def moe_backend(device_type: str | None = None) -> tuple[str, str]:
+    """(backend, why) for this process: `COMPOSER_MOE_BACKEND` if set to a backend, else the
+    measured fastest for `device_type` (default: the device vLLM runs on here)."""
+    value = os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if value in BACKENDS:
+        return value, f"{BACKEND_ENV}={value}"
+    if value != "auto":
+        choices = ", ".join(("auto", *BACKENDS))
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected one of {choices}")
+    if device_type is None:
+        from vllm.platforms import current_platform
+
+        device_type = str(current_platform.device_type)
+    backend = FASTEST.get(device_type, "vllm")
+    return backend, f"auto: fastest measured on {device_type}"
 
 
 class UnsupportedMoE(ValueError):

@@ -77,6 +77,12 @@ def run_server(
             raise ComposerError(
                 f"cannot read the policy registry: {refresher.status()['last_error']}"
             )
+    from serve.moe_backend import BACKEND_ENV, moe_backend
+
+    backend, why = moe_backend()
+    settings.moe_backend = backend
+    os.environ[BACKEND_ENV] = backend  # the engine process builds the model with this choice
+    print(f"composer serve: MoE backend {backend} ({why})", file=sys.stderr, flush=True)
     os.environ.update(settings.to_env())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint: never ask the Hub
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main

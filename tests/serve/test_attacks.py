@@ -101,6 +101,7 @@ def test_the_build_is_served_under_its_registry_policy(live: Live) -> None:
     assert live.complete(key="plain").headers["x-composer-experts"] == "public,alpha,b2"
     health = httpx.get(live.server.base_url + "/health").json()
     assert health["policy"]["fresh"] and health["policy"]["max_staleness_s"] == MAX_STALENESS
+    assert health["moe_backend"] == "vllm"  # auto on CPU: vLLM's fused MoE, measured faster
 
 
 def test_beam_search_is_refused_not_run_with_every_expert(live: Live) -> None:

