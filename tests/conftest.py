@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +79,60 @@ class Cli:
         )
 
 
+class RegistryTemplates:
+    """Registries made once per session with the real CLI, then cloned for each test (the
+    database and $COMPOSER_HOME copied), so a test's set-up costs file copies instead of one
+    CLI process per command. What a stage holds is exactly what its commands made."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[tuple[str, str], Cli] = {}
+
+    def clone(self, stage: str, target: Cli, make: Callable[[Cli], None]) -> None:
+        kind = "postgresql" if target.db_url.startswith("postgresql") else "sqlite"
+        template = self.made.get((stage, kind))
+        if template is None:
+            folder = self.root / f"{stage}-{kind}"
+            url = f"sqlite:///{folder / 'registry.db'}"
+            if kind == "postgresql":
+                url = _pg_database(target.db_url, f"tmpl_{stage}_{uuid.uuid4().hex[:8]}")
+            template = Cli(home=folder / "home", db_url=url)
+            make(template)
+            self.made[stage, kind] = template
+        if kind == "sqlite":
+            src = template.db_url.split("///", 1)[1]
+            with sqlite3.connect(src) as conn:  # fold the WAL into the file before copying it
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            shutil.copyfile(src, target.db_url.split("///", 1)[1])
+        else:
+            _pg_database(target.db_url, target.db_url.rsplit("/", 1)[1], template.db_url)
+        shutil.rmtree(target.home, ignore_errors=True)
+        if template.home.exists():
+            shutil.copytree(template.home, target.home)
+
+
+def _pg_database(url: str, name: str, template: str | None = None) -> str:
+    """(Re)create database `name` on the server of `url`, empty or as a copy of `template`."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    with psycopg.connect(host=u.host, port=u.port, user=u.username, dbname="postgres",
+                         autocommit=True) as conn:  # fmt: skip
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        conn.execute(f'CREATE DATABASE "{name}"{copy}')
+    return u.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def registry_templates(tmp_path_factory: pytest.TempPathFactory) -> RegistryTemplates:
+    return RegistryTemplates(tmp_path_factory.mktemp("registry-templates"))
+
+
 @pytest.fixture
-def cli(tmp_path: Path, db_url: str) -> Cli:
+def cli(tmp_path: Path, db_url: str, registry_templates: RegistryTemplates) -> Cli:
+    """The real CLI against a registry that `composer registry init` made (a clone of it)."""
     c = Cli(home=tmp_path / "home", db_url=db_url)
-    c("registry", "init")
+    registry_templates.clone("initialised", c, lambda t: t("registry", "init"))
     return c

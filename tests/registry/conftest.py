@@ -58,11 +58,17 @@ def _make_lora(out: Path, rank: int) -> Path:
 
 
 @pytest.fixture
-def registered(cli, ckpts):
-    """A registry with owners alice and bob, base 'tiny' and alice's ffn expert 'code@1'."""
-    cli("registry", "add-owner", "alice")
-    cli("registry", "add-owner", "bob")
-    cli("registry", "add-base", ckpts["base"], "--name", "tiny")
-    cli("registry", "add-expert", ckpts["ffn"], "--name", "code", "--owner", "alice",
-        "--base", "tiny", "--domain", "code")  # fmt: skip
+def registered(cli, ckpts, registry_templates):
+    """A registry with owners alice and bob, base 'tiny' and alice's ffn expert 'code@1'
+    (made once per database kind by these commands, cloned for each test)."""
+
+    def make(t):
+        t("registry", "init")
+        t("registry", "add-owner", "alice")
+        t("registry", "add-owner", "bob")
+        t("registry", "add-base", ckpts["base"], "--name", "tiny")
+        t("registry", "add-expert", ckpts["ffn"], "--name", "code", "--owner", "alice",
+          "--base", "tiny", "--domain", "code")  # fmt: skip
+
+    registry_templates.clone("registered", cli, make)
     return cli
