@@ -90,19 +90,35 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: short read of {name}")
         return data
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read straight into a fresh tensor's memory (one copy, no intermediate buffers)."""
-        dtype, shape = self.meta(name)
-        a, b = self.entries[name]["data_offsets"]
-        buf = torch.empty(b - a, dtype=torch.uint8)
+    def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of ``name``'s data from ``offset`` on, straight into a fresh uint8 tensor
+        (one copy, no intermediate buffers; positioned reads, so threads may share the file)."""
+        a, _ = self.entries[name]["data_offsets"]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
-        while done < b - a:
-            n = os.preadv(self._fd, [view[done:]], self._data_start + a + done)
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:]], self._data_start + a + offset + done)
             if n <= 0:
                 raise CheckpointError(f"{self.path}: short read of {name}")
             done += n
-        return buf.view(dtype).reshape(shape)
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape = self.meta(name)
+        a, b = self.entries[name]["data_offsets"]
+        return self._pread(name, 0, b - a).view(dtype).reshape(shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (a 0-d tensor is one row of shape (1,))."""
+        dtype, shape = self.meta(name)
+        rows = shape[0] if shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.path}: rows {start}:{stop} of {name} ({rows} rows)")
+        a, b = self.entries[name]["data_offsets"]
+        row_bytes = (b - a) // rows if rows else 0
+        data = self._pread(name, start * row_bytes, (stop - start) * row_bytes)
+        return data.view(dtype).reshape((stop - start, *shape[1:]) if shape else (1,))
 
     def same_bytes(self, name: str, other: SafetensorsFile, other_name: str) -> bool:
         """Bit-identical data and metadata, compared in chunks (memory stays small)."""
@@ -179,6 +195,14 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._file(name).read_rows(name, start, stop)
+
+    def open_all(self) -> None:
+        """Open every shard now (threads that read later then never race to open one)."""
+        for name in self._where:
+            self._file(name)
 
     def read_bytes(self, name: str) -> bytes:
         return self._file(name).read_bytes(name)

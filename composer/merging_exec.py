@@ -1,13 +1,17 @@
 """Tensor work of merge builds: streamed dense merges, calibrated merges, MoE expert merging.
 
-Training-free dense merges read one tensor from every input, merge it and hand it to the
-ShardWriter, so memory stays near one tensor per input. Calibrated merges (Expert Merging) and
+Training-free dense merges read blocks of rows of one tensor from every input, merge them and
+write them in place (ShardFiles), two tensors at a time, so memory stays near one block per
+input and worker. Calibrated merges (Expert Merging) and
 moe_merge need whole models (forward passes), so they read full state dicts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +22,11 @@ from torch import Tensor
 from composer.checkpoint import Checkpoint, layer_of
 from composer.errors import PlanError
 from composer.recipe import TORCH_DTYPES
-from composer.writer import ShardWriter, TensorSpec, partition
+from composer.writer import ShardFiles, ShardWriter, TensorSpec, partition
+from merge.dense import TensorRows
 from merge.registry import CALIBRATED_METHODS, MOE_METHODS
 from merge.routing_stats import collect_routing_stats
-from merge.state_dict import merge_tensor
+from merge.state_dict import merge_rows
 
 if TYPE_CHECKING:
     from composer.merging import MergePlan
@@ -86,6 +91,54 @@ def _write(
 # ------------------------------------------------------------------------------- dense merges
 
 
+# Rows of every input a block holds at once, as float32 entries summed over the inputs (8 MiB):
+# a TIES block then holds about 6 stacked task-vector blocks of that size.
+BLOCK_ENTRIES = 1 << 21
+# Tensors up to this size (per input) are read whole, once; larger ones in blocks, again for
+# every pass over them (TIES's selection reads a large tensor two or three times).
+WHOLE_READ_BYTES = 8 << 20
+WORKERS = 2  # the tensors are independent: one per core
+
+
+def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int = BLOCK_ENTRIES) -> int:
+    """Rows per block: about ``block_entries`` entries over all inputs; a multiple of 64 when
+    the tensor is cut (so blocks start where torch's vectorised loops would)."""
+    rows = shape[0] if shape else 1
+    row_elems = max(1, math.prod(shape[1:]) if shape else 1)
+    per_input = max(1, block_entries // max(1, inputs))
+    n = per_input // row_elems
+    if n >= rows:
+        return rows
+    return max(64, n - n % 64) if rows > 64 else rows
+
+
+class _Reader:
+    """Rows of one input tensor: from a whole read when small, by positioned reads otherwise."""
+
+    def __init__(self, ck: Checkpoint, name: str, whole: bool):
+        self.ck, self.name = ck, name
+        self._whole: Tensor | None = None
+        if whole:
+            t = ck.read(name)
+            self._whole = t.reshape(1) if t.dim() == 0 else t
+
+    def __call__(self, a: int, b: int) -> Tensor:
+        if self._whole is not None:
+            return self._whole[a:b]
+        return self.ck.read_rows(self.name, a, b)
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Worker threads each take a core: torch's own intra-op threads would only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_dense(
     plan: MergePlan,
     base: Checkpoint,
@@ -95,25 +148,75 @@ def run_dense(
     params: BaseModel,
     tmp: Path,
     progress: bool,
+    *,
+    workers: int = WORKERS,
+    block_entries: int = BLOCK_ENTRIES,
 ) -> dict[str, str]:
-    """A training-free merge, streamed: one tensor of every input in memory at a time."""
+    """A training-free merge, streamed in blocks of rows written straight into place.
+
+    Memory: per worker, one block of every input and the method's temporaries, plus whole
+    copies of tensors up to WHOLE_READ_BYTES; TIES adds at most one bool per entry of a tensor
+    whose threshold is tied (merge.selection). Workers take the largest tensors first.
+    """
     out_dtype = TORCH_DTYPES[plan.dtype]
     groups = _layout(((k, *base.meta(k)) for k in sorted(base.keys())), out_dtype)  # noqa: SIM118
+    for ck in (base, *experts):
+        ck.open_all()
 
     # Weights every expert shares with the base bit for bit (FlexOlmo experts: all but the FFN)
     # merge to the base's under every method but an unnormalised linear sum; copying them skips
-    # float rounding and keeps memory at one tensor (the comparison reads in small chunks).
+    # float rounding and keeps memory at one block (the comparison reads in small chunks).
     scales = method != "linear" or bool(getattr(params, "normalize", True))
     w = getattr(params, "weight", None)
     shortcut = scales or (w is None and len(experts) == 1) or (w is not None and sum(w) == 1.0)
+    inputs = 1 + len(experts)
 
-    def produce(ts: TensorSpec) -> Tensor:
-        b = base.read(ts.name)
-        if shortcut and all(e.same_bytes(ts.name, base) for e in experts):
-            return b
-        return merge_tensor(method, ts.name, b, [e.read(ts.name) for e in experts], params, names)
+    def merge_one(ts: TensorSpec) -> None:
+        dtype, shape = base.meta(ts.name)
+        whole = dtype.itemsize * math.prod(shape) <= WHOLE_READ_BYTES
+        step = block_rows(shape, inputs, block_entries)
+        b_rows = _Reader(base, ts.name, whole)
+        if not dtype.is_floating_point or (
+            shortcut and all(e.same_bytes(ts.name, base) for e in experts)
+        ):
+            rows = b_rows
+        else:
+            src = TensorRows(
+                name=ts.name,
+                shape=shape,
+                dtype=dtype,
+                base=b_rows,
+                experts=tuple(_Reader(e, ts.name, whole) for e in experts),
+                expert_names=tuple(names),
+                block_rows=step,
+            )
+            rows = merge_rows(method, src, params)
+        n = shape[0] if shape else 1
+        for a in range(0, n, step):
+            block = rows(a, min(a + step, n)).to(ts.dtype).contiguous()
+            files.write_rows(ts.name, a, block if shape else block.reshape(()))
 
-    return _write(tmp, groups, plan.max_shard_bytes, produce, f"merge {method}", progress)
+    specs = sorted((ts for g in groups for ts in g), key=lambda ts: (-ts.nbytes, ts.name))
+    files = ShardFiles(tmp, partition(groups, plan.max_shard_bytes))
+    try:
+        with (
+            _torch_threads(1 if workers > 1 else torch.get_num_threads()),
+            ThreadPoolExecutor(max_workers=workers) as pool,
+            _bar(len(specs), f"merge {method}", progress) as bar,
+        ):
+            futures = [pool.submit(merge_one, ts) for ts in specs]
+            try:
+                for f in as_completed(futures):
+                    f.result()
+                    bar.update(1)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    except BaseException:
+        files.abort()
+        raise
+    return files.close()
 
 
 # ------------------------------------------------------------------------------- calibration
