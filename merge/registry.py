@@ -8,6 +8,7 @@ composer's builds on rows read from disk).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -20,9 +21,12 @@ from merge.expert_merging import (
     expert_merging_plus,
 )
 from merge.m_smoe import (
+    LayerFn,
     MSMoEParams,
     UniformMergeParams,
+    m_smoe_layer_fn,
     m_smoe_state_dict,
+    uniform_layer_fn,
     uniform_merge_state_dict,
 )
 from merge.params import (
@@ -97,4 +101,11 @@ CALIBRATED_METHODS: dict[str, tuple[type[BaseModel], Callable[..., ExpertMerging
 MOE_METHODS: dict[str, tuple[type[BaseModel], Callable[..., tuple[dict, dict]]]] = {
     "m_smoe": (MSMoEParams, m_smoe_state_dict),
     "uniform": (UniformMergeParams, uniform_merge_state_dict),
+}
+
+# The same, one MoE block at a time (builds stream the blocks): fn(params, stats) -> LayerFn for
+# merge.m_smoe.merge_layer; stats is None for uniform.
+MOE_LAYER_METHODS: dict[str, Callable[[BaseModel, Any], LayerFn]] = {
+    "m_smoe": m_smoe_layer_fn,  # type: ignore[dict-item]
+    "uniform": lambda params, _stats: uniform_layer_fn(params),  # type: ignore[arg-type]
 }

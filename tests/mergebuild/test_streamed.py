@@ -117,3 +117,59 @@ def test_shard_files_equal_shard_writer_in_any_order(tmp_path: Path) -> None:
         ShardFiles(tmp_path / "empty", shards).close()  # nothing written
     files.write_rows("a", 0, tensors["a"][:3])
     assert files.close() == seq.close()
+
+
+def _old_moe_files(models: Path, out: Path, spec_path: Path) -> dict[str, str]:
+    """What main's run_moe_merge wrote: whole state dict, whole model, ShardWriter."""
+    from transformers import AutoModelForCausalLM
+
+    from composer.inputs import LocalPathResolver
+    from composer.merging import plan_merge
+    from composer.spec import load_spec
+    from merge.m_smoe import m_smoe_state_dict, uniform_merge_state_dict
+    from merge.routing_stats import collect_routing_stats
+
+    plan = plan_merge(load_spec(spec_path), LocalPathResolver(models))
+    s, p = plan.settings, plan.settings.params
+    top_k = int(plan.base_config["num_experts_per_tok"])
+    ck = Checkpoint(plan.base.path)
+    sd = {k: ck.read(k) for k in sorted(ck.keys())}  # noqa: SIM118
+    if s.method == "m_smoe":
+        vocab = int(plan.base_config["vocab_size"])
+        batches = merging_exec.calibration_batches(ck.path, s.calibration, vocab, s.tokens)
+        model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=torch.float32).eval()
+        new_sd, _ = m_smoe_state_dict(sd, collect_routing_stats(model, batches, top_k), p, top_k)
+    else:
+        new_sd, _ = uniform_merge_state_dict(sd, p, top_k)
+    groups = merging_exec._layout(
+        ((k, t.dtype, tuple(t.shape)) for k, t in new_sd.items()), torch.float32
+    )
+    out.mkdir()
+    writer = ShardWriter(out, partition(groups, plan.max_shard_bytes))
+    for g in groups:
+        for ts in g:
+            writer.write(ts.name, new_sd[ts.name].to(ts.dtype).contiguous())
+    return writer.close()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        "{method: m_smoe, num_experts: 4, calibration: [cal/code.txt, cal/legal.txt], seq_len: 32,"
+        " compress: low_rank, rank: 8}",
+        "{method: uniform, num_experts: 2}",
+    ],
+    ids=["m_smoe_low_rank", "uniform"],
+)
+def test_streamed_moe_merge_writes_mains_bytes(
+    models: Path, tmp_path: Path, params: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Layer by layer (statistics from a model holding one decoder layer, blocks merged and
+    # written in turn) gives main's bytes; copied tensors go through small blocks.
+    monkeypatch.setattr(merging_exec, "BLOCK_ENTRIES", 1 << 12)
+    monkeypatch.setattr(merging_exec, "WHOLE_READ_BYTES", 1 << 12)
+    text = f"method: moe_merge\nbase: moe8\nparameters: {params}\noutput: {{max_shard_size: 2MB}}\n"
+    res = build_text(models, tmp_path / "new", text)
+    spec_path = models / "spec-new.yaml"
+    want = _old_moe_files(models, tmp_path / "old", spec_path)
+    assert {k: v for k, v in res.files.items() if k.startswith("model")} == want
