@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from composer.checkpoint import Checkpoint, layer_of
+from composer.heap import trim_heap
 from merge.moe_layer import moe_layer_prefixes, moe_layer_tensors, read_moe_layer
 
 
@@ -58,6 +59,7 @@ def layerwise_model(ck: Checkpoint) -> Iterator[nn.Module]:
 
     def drop(module: nn.Module, _args: Any, _out: Any) -> None:
         module.to("meta")
+        trim_heap()
 
     handles = []
     for i, layer in enumerate(inner.layers):

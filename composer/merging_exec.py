@@ -21,6 +21,7 @@ from torch import Tensor
 
 from composer.checkpoint import Checkpoint, layer_of
 from composer.errors import PlanError
+from composer.heap import trim_heap
 from composer.layerwise import layerwise_model
 from composer.recipe import TORCH_DTYPES
 from composer.writer import ShardFiles, ShardWriter, TensorSpec, partition
@@ -112,7 +113,7 @@ def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int = BLOCK_E
     per_input = max(1, block_entries // max(1, inputs))
     n = per_input // row_elems
     if n >= rows:
-        return rows
+        return max(1, rows)
     return max(64, n - n % 64) if rows > 64 else rows
 
 
@@ -212,6 +213,7 @@ def run_dense(
             try:
                 for f in as_completed(futures):
                     f.result()
+                    trim_heap()  # the tensor's blocks are freed: keep RSS at what is in use
                     bar.update(1)
             except BaseException:
                 for f in futures:
@@ -400,6 +402,8 @@ def run_moe_merge(
                     files.write_rows(name, 0, t.to(spec_of[name].dtype).contiguous())
                     bar.update(1)
                 groups[idx] = merged.groups
+                del merged
+                trim_heap()
     except BaseException:
         files.abort()
         raise

@@ -173,3 +173,29 @@ def test_streamed_moe_merge_writes_mains_bytes(
     spec_path = models / "spec-new.yaml"
     want = _old_moe_files(models, tmp_path / "old", spec_path)
     assert {k: v for k, v in res.files.items() if k.startswith("model")} == want
+
+
+def test_layerwise_model_computes_the_loaded_models_logits_one_layer_at_a_time(
+    models: Path,
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from composer.layerwise import layerwise_model
+    from merge.routing_stats import collect_routing_stats
+
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    full = AutoModelForCausalLM.from_pretrained(str(models / "moe8"), dtype=torch.float32)
+    want = collect_routing_stats(full.eval(), [ids], 2)
+    resident = []
+    with layerwise_model(Checkpoint(models / "moe8")) as model:
+        layers = model.model.layers
+        layers[1].register_forward_pre_hook(
+            lambda *_: resident.append([p.device.type for p in layers.parameters()])
+        )
+        got = collect_routing_stats(model.model, [ids], 2)
+        assert {p.device.type for p in layers.parameters()} == {"meta"}  # all dropped after
+    # While layer 1 was about to run, layer 0 was already dropped (hooks run in order).
+    n0 = len(list(layers[0].parameters()))
+    assert set(resident[0][:n0]) == {"meta"}
+    for i in want:
+        assert torch.equal(got[i].logits, want[i].logits)
