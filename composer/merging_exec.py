@@ -105,16 +105,17 @@ WHOLE_READ_BYTES = 8 << 20
 WORKERS = 2  # the tensors are independent: one per core
 
 
-def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int = BLOCK_ENTRIES) -> int:
-    """Rows per block: about ``block_entries`` entries over all inputs; a multiple of 64 when
-    the tensor is cut (so blocks start where torch's vectorised loops would)."""
+def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int | None = None) -> int:
+    """Rows per block: about ``block_entries`` entries over all inputs, cut so that every block
+    starts at a multiple of 64 entries (where torch's vectorised loops would start)."""
     rows = shape[0] if shape else 1
     row_elems = max(1, math.prod(shape[1:]) if shape else 1)
-    per_input = max(1, block_entries // max(1, inputs))
+    per_input = max(1, (block_entries or BLOCK_ENTRIES) // max(1, inputs))
     n = per_input // row_elems
     if n >= rows:
         return max(1, rows)
-    return max(64, n - n % 64) if rows > 64 else rows
+    align = 64 // math.gcd(row_elems, 64)
+    return min(rows, max(align, n - n % align))
 
 
 class _Reader:
@@ -155,7 +156,7 @@ def run_dense(
     progress: bool,
     *,
     workers: int = WORKERS,
-    block_entries: int = BLOCK_ENTRIES,
+    block_entries: int | None = None,
 ) -> dict[str, str]:
     """A training-free merge, streamed in blocks of rows written straight into place.
 
