@@ -113,11 +113,10 @@ def kth_largest(
             above += int((c > hi).sum())
             at_hi += int((c == hi).sum())
             sel &= c < hi
-        if lo is not None and lo != hi:
-            at_lo += int((c == lo).sum())
+        if lo is not None:
             sel &= c > lo
-        elif lo is not None:
-            sel &= c > lo
+            if lo != hi:
+                at_lo += int((c == lo).sum())
         part = c[sel]
         held += part.numel()
         if held > cap:  # the sample was far off: rank every magnitude instead
