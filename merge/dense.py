@@ -297,40 +297,43 @@ def ties_rows(
     def rows(a: int, b: int) -> Tensor:
         base = src._base(a, b)
         taus = task_vectors(base, [e(a, b) for e in src.experts])
-        trimmed = torch.stack([
-            t if s is None else t * s.keep(t.abs(), a * width)
-            for t, s in zip(taus, keep, strict=True)
-        ])  # fmt: skip
-        merged = disjoint_merge(trimmed, w, normalize)
+        for t, s in zip(taus, keep, strict=True):
+            if s is not None:
+                t.mul_(s.keep(t.abs(), a * width))  # trim in place: the same t * keep
+        merged = disjoint_merge(taus, w, normalize)
         return (base.float() + lambda_ * merged).to(src.dtype)
 
     return rows
 
 
-def _advance(gen: torch.Generator, n: int) -> None:
-    step = 1 << 22
-    for a in range(0, n, step):
-        torch.rand(min(step, n - a), generator=gen)
+class DareMasks:
+    """Every expert's DARE keep-mask, block by block, with the old draws: one generator, the
+    experts' n-entry masks one after the other (an expert at density 1 draws nothing).
 
+    The masks of all experts but the last one that drops anything are drawn up front (one bool
+    per entry; a generator cannot skip ahead); the last one's are drawn as the blocks come, so
+    blocks must be asked for in order, once each. ``gen`` ends where the old code left it.
+    """
 
-def dare_generators(
-    dens: Sequence[float], n: int, gen: torch.Generator, *, advance_all: bool = False
-) -> list[torch.Generator | None]:
-    """One generator per expert, each where the expert's draws start when the experts draw
-    their n-entry masks one after the other from ``gen`` (None: density 1, no draws). Blocks can
-    then draw every expert's mask in step. ``advance_all`` leaves ``gen`` after all draws."""
-    last = max((i for i, d in enumerate(dens) if d < 1.0), default=-1)
-    out: list[torch.Generator | None] = []
-    for i, d in enumerate(dens):
-        if d >= 1.0:
-            out.append(None)
-            continue
-        own = torch.Generator()
-        own.set_state(gen.get_state())
-        out.append(own)
-        if i < last or advance_all:
-            _advance(gen, n)
-    return out
+    def __init__(self, dens: Sequence[float], n: int, gen: torch.Generator, block: int):
+        self.dens, self.gen = list(dens), gen
+        self.last = max((i for i, d in enumerate(dens) if d < 1.0), default=-1)
+        self.drawn: dict[int, Tensor] = {}
+        for i, d in enumerate(dens):
+            if d < 1.0 and i < self.last:
+                mask = torch.empty(n, dtype=torch.bool)
+                for a in range(0, n, block):
+                    m = min(block, n - a)
+                    torch.lt(torch.rand(m, generator=gen), d, out=mask[a : a + m])
+                self.drawn[i] = mask
+
+    def keep(self, i: int, start: int, shape: torch.Size) -> Tensor | None:
+        """Expert i's mask for the block of ``shape`` at flat ``start`` (None: keeps all)."""
+        if self.dens[i] >= 1.0:
+            return None
+        if i == self.last:
+            return torch.rand(shape, generator=self.gen) < self.dens[i]
+        return self.drawn[i][start : start + shape.numel()].view(shape)
 
 
 def dare_rows(
@@ -355,15 +358,18 @@ def dare_rows(
             len(src.experts), weights, lambda_, normalize, src.name
         )
     gen = generator if generator is not None else tensor_generator(seed, src.name)
-    gens = dare_generators(dens, src.numel, gen, advance_all=generator is not None)
+    block = max(1, (src.block_rows or src.nrows) * src.row_elems)
+    masks = DareMasks(dens, src.numel, gen, block)
+    width = src.row_elems
 
     def rows(a: int, b: int) -> Tensor:
         base = src._base(a, b)
         taus = task_vectors(base, [e(a, b) for e in src.experts])
-        sparse = torch.stack([
-            t if g is None else dare_sparsify(t, d, g)
-            for t, d, g in zip(taus, dens, gens, strict=True)
-        ])  # fmt: skip
+        for i, (t, d) in enumerate(zip(taus, dens, strict=True)):
+            m = masks.keep(i, a * width, taus.shape[1:])
+            if m is not None:
+                t.mul_(m).div_(d)  # in place: the same tau * keep / density
+        sparse = taus
         if ties:
             return (base.float() + lambda_ * disjoint_merge(sparse, w, normalize)).to(src.dtype)
         return combine(base.float(), sparse, coefs).to(src.dtype)
@@ -437,7 +443,9 @@ def disjoint_merge(taus: Tensor, weights: Sequence[float], normalize: bool) -> T
     w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (taus.dim() - 1)))
     weighted = w * taus
     elected = torch.sign(weighted.sum(0))
-    agree = (torch.sign(taus) == elected) & (taus != 0)
+    # Nonzero and of the elected sign, i.e. (sign(taus) == elected) & (taus != 0): the product
+    # with a sign is exact, and -0, NaN and an unelected (0 or NaN) sign all give False.
+    agree = taus * elected > 0
     total = (weighted * agree).sum(0)
     if not normalize:
         return total

@@ -92,11 +92,14 @@ def test_dare_with_a_caller_generator_leaves_it_where_the_old_code_did() -> None
     assert torch.equal(g_new.get_state(), g_old.get_state())
 
 
-def test_dare_generators_start_where_each_expert_started() -> None:
-    # Expert i's mask is drawn after experts 0..i-1 drew theirs (density 1 draws nothing).
-    gens = dense.dare_generators([0.5, 1.0, 0.2], 10, torch.Generator().manual_seed(4))
+def test_dare_masks_are_the_old_draws_in_any_blocks() -> None:
+    # The old code drew expert after expert from one generator (density 1: no draws).
     one = torch.Generator().manual_seed(4)
-    first, third = torch.rand(10, generator=one), torch.rand(10, generator=one)
-    assert gens[1] is None
-    assert torch.equal(torch.rand(10, generator=gens[0]), first)
-    assert torch.equal(torch.rand(10, generator=gens[2]), third)
+    first, third = torch.rand(10, generator=one) < 0.5, torch.rand(10, generator=one) < 0.2
+    gen = torch.Generator().manual_seed(4)
+    masks = dense.DareMasks([0.5, 1.0, 0.2], 10, gen, block=3)
+    assert masks.keep(1, 0, torch.Size([4])) is None
+    got0 = torch.cat([masks.keep(0, a, torch.Size([min(4, 10 - a)])) for a in (0, 4, 8)])
+    got2 = torch.cat([masks.keep(2, a, torch.Size([min(4, 10 - a)])) for a in (0, 4, 8)])
+    assert torch.equal(got0, first) and torch.equal(got2, third)
+    assert torch.equal(gen.get_state(), one.get_state())
