@@ -122,16 +122,16 @@ class _Reader:
     """Rows of one input tensor: from a whole read when small, by positioned reads otherwise."""
 
     def __init__(self, ck: Checkpoint, name: str, whole: bool):
-        self.ck, self.name = ck, name
-        self._whole: Tensor | None = None
-        if whole:
-            t = ck.read(name)
-            self._whole = t.reshape(1) if t.dim() == 0 else t
+        self.ck, self.name, self.whole = ck, name, whole
+        self._t: Tensor | None = None
 
     def __call__(self, a: int, b: int) -> Tensor:
-        if self._whole is not None:
-            return self._whole[a:b]
-        return self.ck.read_rows(self.name, a, b)
+        if not self.whole:
+            return self.ck.read_rows(self.name, a, b)
+        if self._t is None:  # on first use: linear never reads the base
+            t = self.ck.read(self.name)
+            self._t = t.reshape(1) if t.dim() == 0 else t
+        return self._t[a:b]
 
 
 @contextmanager
@@ -162,7 +162,8 @@ def run_dense(
 
     Memory: per worker, one block of every input and the method's temporaries, plus whole
     copies of tensors up to WHOLE_READ_BYTES; TIES adds at most one bool per entry of a tensor
-    whose threshold is tied (merge.selection). Workers take the largest tensors first.
+    whose threshold is tied (merge.selection). Workers take the tensors in file order, and
+    the main thread hashes the files' completed prefixes meanwhile.
     """
     out_dtype = TORCH_DTYPES[plan.dtype]
     groups = _layout(((k, *base.meta(k)) for k in sorted(base.keys())), out_dtype)  # noqa: SIM118
@@ -202,7 +203,9 @@ def run_dense(
             block = rows(a, min(a + step, n)).to(ts.dtype).contiguous()
             files.write_rows(ts.name, a, block if shape else block.reshape(()))
 
-    specs = sorted((ts for g in groups for ts in g), key=lambda ts: (-ts.nbytes, ts.name))
+    # In file order (the embedding comes first, then layer after layer): the files' hashes then
+    # follow the workers closely.
+    specs = [ts for g in groups for ts in g]
     files = ShardFiles(tmp, partition(groups, plan.max_shard_bytes))
     try:
         with (
@@ -215,6 +218,7 @@ def run_dense(
                 for f in as_completed(futures):
                     f.result()
                     trim_heap()  # the tensor's blocks are freed: keep RSS at what is in use
+                    files.hash_ready()
                     bar.update(1)
             except BaseException:
                 for f in futures:
@@ -405,6 +409,7 @@ def run_moe_merge(
                 groups[idx] = merged.groups
                 del merged
                 trim_heap()
+                files.hash_ready()
     except BaseException:
         files.abort()
         raise

@@ -190,8 +190,9 @@ class ShardFiles:
 
     Every shard's header is written and the file sized up front, so several threads can write
     blocks of rows of different tensors at once, each straight to its place: no tensor has to
-    be whole in memory, and nothing waits for the tensors before it. The sha256 of each file is
-    taken at ``close`` (a read of what was just written, from the page cache).
+    be whole in memory, and nothing waits for the tensors before it. Each file's sha256 runs
+    over its completed prefix whenever ``hash_ready`` is called (reading back from the page
+    cache while the writers go on), and is finished by ``close``.
     """
 
     def __init__(self, out_dir: Path, shards: list[list[TensorSpec]], prefix: str = "model"):
@@ -202,12 +203,15 @@ class ShardFiles:
         self._where: dict[str, tuple[int, int, TensorSpec]] = {}
         self._left: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._hashes = [hashlib.sha256() for _ in shards]
+        self._hashed = [0] * len(shards)  # per file: tensors hashed so far
         try:
             for i, specs in enumerate(shards):
-                fd = os.open(self.out_dir / self.names[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                fd = os.open(self.out_dir / self.names[i], os.O_RDWR | os.O_CREAT | os.O_TRUNC)
                 self._fds.append(fd)
                 head = _header(specs, {"format": "pt"})
                 _pwrite_all(fd, memoryview(head), 0)
+                self._hashes[i].update(head)
                 off = len(head)
                 for spec in specs:
                     self._where[spec.name] = (fd, off, spec)
@@ -238,13 +242,31 @@ class ShardFiles:
         with self._lock:
             self._left[name] -= len(data)
 
+    def hash_ready(self) -> None:
+        """Hash every file's tensors from where its hash stopped up to the first tensor not yet
+        complete. Call from one thread at a time."""
+        for i, specs in enumerate(self._shards):
+            fd = self._fds[i]
+            while self._hashed[i] < len(specs):
+                spec = specs[self._hashed[i]]
+                with self._lock:
+                    if self._left[spec.name] != 0:
+                        break
+                _, off, _ = self._where[spec.name]
+                for at in range(0, spec.nbytes, 1 << 23):
+                    n = min(1 << 23, spec.nbytes - at)
+                    self._hashes[i].update(os.pread(fd, n, off + at))
+                self._hashed[i] += 1
+
     def close(self) -> dict[str, str]:
         """Check every tensor was written in full, write the index; file name -> sha256."""
-        self._close_fds()
         missing = [k for k, v in self._left.items() if v != 0]
         if missing:
+            self._close_fds()
             raise RuntimeError(f"build ended with {missing[0]} not (or over-) written")
-        out = {name: file_sha256(self.out_dir / name) for name in self.names}
+        self.hash_ready()
+        self._close_fds()
+        out = {name: h.hexdigest() for name, h in zip(self.names, self._hashes, strict=True)}
         out[INDEX_NAME] = write_index(self.out_dir, self._shards, self.names)
         return out
 
