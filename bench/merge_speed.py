@@ -429,12 +429,14 @@ def main(argv: list[str] | None = None) -> None:
             spec = composer_spec(method, base, experts, a.density)
         for i in range(a.repeat):  # interleaved: a change of load hits both tools alike
             tag = f" (run {i + 1}/{a.repeat})" if a.repeat > 1 else ""
-            fastest(row, "composer", run_composer(a, REPO, method, spec, "new"))
-            log(f"{method}: Composer {row.runs['composer'].wall_s:.1f} s{tag}")
+            run = run_composer(a, REPO, method, spec, "new")
+            log(f"{method}: Composer {run.wall_s:.1f} s, peak {run.peak / 1e9:.2f} GB{tag}")
+            fastest(row, "composer", run)
             if mk and method != "m_smoe":
                 config = mergekit_config(method, base, experts, a.density)
-                fastest(row, "mergekit", run_mergekit(a, mk, method, config))
-                log(f"{method}: mergekit {row.runs['mergekit'].wall_s:.1f} s{tag}")
+                run = run_mergekit(a, mk, method, config)
+                log(f"{method}: mergekit {run.wall_s:.1f} s, peak {run.peak / 1e9:.2f} GB{tag}")
+                fastest(row, "mergekit", run)
         if a.reference_code:
             row.runs["main"] = run_composer(a, a.reference_code, method, spec, "ref")
             log(f"{method}: reference code {row.runs['main'].wall_s:.1f} s")
