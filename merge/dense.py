@@ -116,6 +116,8 @@ def _check_lambda(lambda_: float, name: str) -> None:
 def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
     """Stacked float32 task vectors, shape [N, *base.shape] (subtracted in place)."""
     b = base.float()
+    if b.requires_grad or any(e.requires_grad for e in experts):  # out= has no autograd
+        return torch.stack([e.float() - b for e in experts])
     out = torch.empty((len(experts), *b.shape), dtype=torch.float32)
     for i, e in enumerate(experts):
         torch.sub(e.float(), b, out=out[i])
