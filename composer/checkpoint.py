@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +91,35 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: short read of {name}")
         return data
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read straight into a fresh tensor's memory (one copy, no intermediate buffers)."""
-        dtype, shape = self.meta(name)
-        a, b = self.entries[name]["data_offsets"]
-        buf = torch.empty(b - a, dtype=torch.uint8)
+    def _pread(self, name: str, offset: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of ``name``'s data from ``offset`` on, straight into a fresh uint8 tensor
+        (one copy, no intermediate buffers; positioned reads, so threads may share the file)."""
+        a, _ = self.entries[name]["data_offsets"]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
-        while done < b - a:
-            n = os.preadv(self._fd, [view[done:]], self._data_start + a + done)
+        while done < nbytes:
+            n = os.preadv(self._fd, [view[done:]], self._data_start + a + offset + done)
             if n <= 0:
                 raise CheckpointError(f"{self.path}: short read of {name}")
             done += n
-        return buf.view(dtype).reshape(shape)
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape = self.meta(name)
+        a, b = self.entries[name]["data_offsets"]
+        return self._pread(name, 0, b - a).view(dtype).reshape(shape)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (a 0-d tensor is one row of shape (1,))."""
+        dtype, shape = self.meta(name)
+        rows = shape[0] if shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise CheckpointError(f"{self.path}: rows {start}:{stop} of {name} ({rows} rows)")
+        a, b = self.entries[name]["data_offsets"]
+        row_bytes = (b - a) // rows if rows else 0
+        data = self._pread(name, start * row_bytes, (stop - start) * row_bytes)
+        return data.view(dtype).reshape((stop - start, *shape[1:]) if shape else (1,))
 
     def same_bytes(self, name: str, other: SafetensorsFile, other_name: str) -> bool:
         """Bit-identical data and metadata, compared in chunks (memory stays small)."""
@@ -110,13 +127,14 @@ class SafetensorsFile:
             return False
         a, b = self.entries[name]["data_offsets"]
         oa, _ = other.entries[other_name]["data_offsets"]
-        step = 1 << 23
-        for off in range(0, b - a, step):
+        off, step = 0, 1 << 16  # small first: a fine-tuned tensor differs at once
+        while off < b - a:
             n = min(step, b - a - off)
             mine = os.pread(self._fd, n, self._data_start + a + off)
             theirs = os.pread(other._fd, n, other._data_start + oa + off)
             if mine != theirs or len(mine) != n:
                 return False
+            off, step = off + n, min(step * 2, 1 << 23)
         return True
 
     def close(self) -> None:
@@ -163,6 +181,16 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    # Read-only mapping of names to tensors, each read when asked for: a lazy state dict.
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
     def _file(self, name: str) -> SafetensorsFile:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: no tensor {name}")
@@ -179,6 +207,14 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self._file(name).read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._file(name).read_rows(name, start, stop)
+
+    def open_all(self) -> None:
+        """Open every shard now (threads that read later then never race to open one)."""
+        for name in self._where:
+            self._file(name)
 
     def read_bytes(self, name: str) -> bytes:
         return self._file(name).read_bytes(name)

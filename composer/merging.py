@@ -198,7 +198,9 @@ def _plan_dense(plan: MergePlan) -> None:
         plan.steps.append(Step("learn", f"{s.method} coefficients (weights frozen)"))
         plan.notes.append("calibrated merges hold the base and every expert in memory")
     else:
-        plan.steps.append(Step("merge", f"{plan.algorithm}, streamed tensor by tensor"))
+        plan.steps.append(
+            Step("merge", f"{plan.algorithm}, streamed in blocks of rows, two tensors at a time")
+        )
     plan.steps.append(Step("write", f"shards (<= {plan.spec.output.max_shard_size} each)"))
     plan.steps.append(Step("finish", "config.json, tokenizer files, composition.json, rename"))
 
@@ -234,7 +236,10 @@ def _plan_moe(plan: MergePlan) -> None:
     plan.steps.append(Step("merge", detail))
     plan.steps.append(Step("write", f"shards (<= {plan.spec.output.max_shard_size} each)"))
     plan.steps.append(Step("finish", "config.json, tokenizer files, composition.json, rename"))
-    plan.notes.append("moe_merge holds the whole base MoE in memory (routing statistics)")
+    plan.notes.append(
+        "moe_merge streams: one decoder layer at a time for routing statistics, then one MoE "
+        "block at a time"
+    )
 
 
 class _opened:

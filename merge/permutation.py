@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 
@@ -20,6 +19,8 @@ def max_weight_matching(similarity: Tensor) -> Tensor:
     scipy's linear_sum_assignment (a Jonker-Volgenant variant of the Hungarian algorithm,
     O(n^3)) handles thousands of neurons in seconds.
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: ~1 s, M-SMoE only
+
     sim = similarity.detach().double().cpu().numpy()
     rows, cols = linear_sum_assignment(sim, maximize=True)
     perm = np.empty_like(cols)

@@ -1,15 +1,16 @@
 """Method tables: spec method name -> (pydantic parameter model, function).
 
-Dense entries have the signature ``fn(base, experts, params, *, name, expert_names) -> Tensor``
-over one tensor (see merge.state_dict for whole state dicts).
+Dense entries have the signature ``fn(src: dense.TensorRows, params) -> dense.Rows``: they
+merge one tensor in blocks of rows (merge.state_dict.merge_tensor runs them on whole tensors,
+composer's builds on rows read from disk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
-from torch import Tensor
 
 from merge import dense
 from merge.expert_merging import (
@@ -20,9 +21,12 @@ from merge.expert_merging import (
     expert_merging_plus,
 )
 from merge.m_smoe import (
+    LayerFn,
     MSMoEParams,
     UniformMergeParams,
+    m_smoe_layer_fn,
     m_smoe_state_dict,
+    uniform_layer_fn,
     uniform_merge_state_dict,
 )
 from merge.params import (
@@ -33,114 +37,55 @@ from merge.params import (
     TiesParams,
 )
 
-DenseFn = Callable[..., Tensor]
+RowsFn = Callable[[dense.TensorRows, BaseModel], dense.Rows]
 
 
-def _linear(
-    base: Tensor | None,
-    experts: Sequence[Tensor],
-    p: LinearParams,
-    *,
-    name: str,
-    expert_names: Sequence[str] | None = None,
-) -> Tensor:
-    return dense.linear(
-        base,
-        experts,
-        weights=p.weight,
-        normalize=p.normalize,
-        name=name,
-        expert_names=expert_names,
+def _linear(src: dense.TensorRows, p: LinearParams) -> dense.Rows:
+    return dense.linear_rows(src, weights=p.weight, normalize=p.normalize)
+
+
+def _task_arithmetic(src: dense.TensorRows, p: TaskArithmeticParams) -> dense.Rows:
+    return dense.task_arithmetic_rows(
+        src, weights=p.weight, lambda_=p.lambda_, normalize=p.normalize
     )
 
 
-def _task_arithmetic(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    p: TaskArithmeticParams,
-    *,
-    name: str,
-    expert_names: Sequence[str] | None = None,
-) -> Tensor:
-    return dense.task_arithmetic(
-        base,
-        experts,
-        weights=p.weight,
-        lambda_=p.lambda_,
-        normalize=p.normalize,
-        name=name,
-        expert_names=expert_names,
+def _ties(src: dense.TensorRows, p: TiesParams) -> dense.Rows:
+    return dense.ties_rows(
+        src, density=p.density, weights=p.weight, lambda_=p.lambda_, normalize=p.normalize
     )
 
 
-def _ties(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    p: TiesParams,
-    *,
-    name: str,
-    expert_names: Sequence[str] | None = None,
-) -> Tensor:
-    return dense.ties(
-        base,
-        experts,
-        density=p.density,
-        weights=p.weight,
-        lambda_=p.lambda_,
-        normalize=p.normalize,
-        name=name,
-        expert_names=expert_names,
-    )
-
-
-def _dare_linear(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    p: DareLinearParams,
-    *,
-    name: str,
-    expert_names: Sequence[str] | None = None,
-) -> Tensor:
-    return dense.dare_linear(
-        base,
-        experts,
+def _dare_linear(src: dense.TensorRows, p: DareLinearParams) -> dense.Rows:
+    return dense.dare_rows(
+        src,
         density=p.density,
         weights=p.weight,
         lambda_=p.lambda_,
         normalize=p.normalize,
         seed=p.seed,
-        name=name,
-        expert_names=expert_names,
     )
 
 
-def _dare_ties(
-    base: Tensor,
-    experts: Sequence[Tensor],
-    p: DareTiesParams,
-    *,
-    name: str,
-    expert_names: Sequence[str] | None = None,
-) -> Tensor:
-    return dense.dare_ties(
-        base,
-        experts,
+def _dare_ties(src: dense.TensorRows, p: DareTiesParams) -> dense.Rows:
+    return dense.dare_rows(
+        src,
         density=p.density,
         weights=p.weight,
         lambda_=p.lambda_,
         normalize=p.normalize,
         seed=p.seed,
-        name=name,
-        expert_names=expert_names,
+        ties=True,
     )
 
 
-DENSE_METHODS: dict[str, tuple[type[BaseModel], DenseFn]] = {
-    "linear": (LinearParams, _linear),
-    "task_arithmetic": (TaskArithmeticParams, _task_arithmetic),
-    "ties": (TiesParams, _ties),
-    "dare_linear": (DareLinearParams, _dare_linear),
-    "dare_ties": (DareTiesParams, _dare_ties),
+# fn(src, params) -> rows function: merged rows [a, b) of one tensor, asked for in order.
+DENSE_METHODS: dict[str, tuple[type[BaseModel], RowsFn]] = {
+    "linear": (LinearParams, _linear),  # type: ignore[dict-item]
+    "task_arithmetic": (TaskArithmeticParams, _task_arithmetic),  # type: ignore[dict-item]
+    "ties": (TiesParams, _ties),  # type: ignore[dict-item]
+    "dare_linear": (DareLinearParams, _dare_linear),  # type: ignore[dict-item]
+    "dare_ties": (DareTiesParams, _dare_ties),  # type: ignore[dict-item]
 }
 
 
@@ -156,4 +101,11 @@ CALIBRATED_METHODS: dict[str, tuple[type[BaseModel], Callable[..., ExpertMerging
 MOE_METHODS: dict[str, tuple[type[BaseModel], Callable[..., tuple[dict, dict]]]] = {
     "m_smoe": (MSMoEParams, m_smoe_state_dict),
     "uniform": (UniformMergeParams, uniform_merge_state_dict),
+}
+
+# The same, one MoE block at a time (builds stream the blocks): fn(params, stats) -> LayerFn for
+# merge.m_smoe.merge_layer; stats is None for uniform.
+MOE_LAYER_METHODS: dict[str, Callable[[BaseModel, Any], LayerFn]] = {
+    "m_smoe": m_smoe_layer_fn,  # type: ignore[dict-item]
+    "uniform": lambda params, _stats: uniform_layer_fn(params),  # type: ignore[arg-type]
 }

@@ -1,4 +1,4 @@
-"""Apply a dense merge method over whole state dicts (one tensor at a time)."""
+"""Apply a dense merge method to one tensor (whole, or in row blocks) or whole state dicts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
+from merge.dense import Rows, TensorRows, check_tensors
 from merge.errors import MergeError
 from merge.registry import DENSE_METHODS
 
@@ -63,8 +64,19 @@ def merge_tensor(
     ref = base if base is not None else experts[0]
     if not ref.is_floating_point():
         return ref.clone()
+    check_tensors(base, experts, name=name, expert_names=expert_names)
+    src = TensorRows.of(base, experts, name=name, expert_names=expert_names)
+    return src.whole(merge_rows(method, src, p))
+
+
+def merge_rows(method: str, src: TensorRows, params: Mapping[str, Any] | BaseModel | None) -> Rows:
+    """Prepare ``method`` for one tensor of float inputs: returns f(a, b), the merged rows
+    [a, b) in ``src.dtype``; ask for the rows in order, once each (DARE draws as it goes)."""
+    p = parse_params(method, params)
+    if src.base is None and method != "linear":
+        raise MergeError(f"method {method!r} needs a base model")
     _, fn = DENSE_METHODS[method]
-    return fn(base, experts, p, name=name, expert_names=expert_names)
+    return fn(src, p)
 
 
 def merge_state_dicts(
