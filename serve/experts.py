@@ -46,6 +46,18 @@ def parse_experts_field(value: Any) -> ExpertsRequest:
     return req
 
 
+def parse_experts_header(value: str) -> dict[str, list[str]]:
+    """`X-Composer-Experts: include=public,legal` (or `exclude=code`) as the body field's value,
+    for clients that cannot add body fields (lm-eval, plain OpenAI SDK calls)."""
+    mode, sep, names = value.partition("=")
+    mode = mode.strip().lower()
+    if not sep or mode not in ("include", "exclude"):
+        raise SelectionError(
+            400, "header X-Composer-Experts: expected include=NAME,... or exclude=NAME,..."
+        )
+    return {mode: [n.strip() for n in names.split(",") if n.strip()]}
+
+
 def select_experts(
     names: Sequence[str], request: ExpertsRequest, permitted: set[str]
 ) -> tuple[str, ...]:

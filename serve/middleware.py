@@ -1,6 +1,7 @@
 """ASGI middleware in front of vLLM's OpenAI server: API keys, the `experts` field, policy.
 
-For /v1/completions and /v1/chat/completions it turns the client's `experts` choice plus the
+For /v1/completions and /v1/chat/completions it turns the client's choice of experts (the
+`experts` body field, or the `X-Composer-Experts: include=...` request header) plus the
 registry's policy into the engine's explicit mask (`vllm_xargs`) and prefix-cache salt
 (`cache_salt`), and reports the experts used (`experts` in the JSON or every stream chunk, and
 the `x-composer-experts` header). Every POST body is size-capped, depth-checked and matched
@@ -22,7 +23,13 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.keys import hash_key
 from registry.policy_snapshot import PolicySnapshot
-from serve.experts import SelectionError, engine_fields, parse_experts_field, select_experts
+from serve.experts import (
+    SelectionError,
+    engine_fields,
+    parse_experts_field,
+    parse_experts_header,
+    select_experts,
+)
 from serve.policy import PolicyRefresher, PolicyUnavailable, expert_names, load_bindings, permitted
 from serve.request_fields import FIELDS, MAX_DEPTH, check_fields, json_depth
 
@@ -147,7 +154,7 @@ class ExpertsMiddleware:
             check_fields(path, body)
             allowed: tuple[str, ...] | None = None
             if path in GENERATE_PATHS:
-                allowed = self._apply_experts(body, permitted(self.bindings, snapshot, key))
+                allowed = self._apply_experts(scope, body, permitted(self.bindings, snapshot, key))
         except SelectionError as e:
             await _respond(send, *_error(e.status, str(e), **_extra(e)))
             return
@@ -176,9 +183,20 @@ class ExpertsMiddleware:
             raise SelectionError(401, "invalid API key")
         return digest
 
-    def _apply_experts(self, body: dict[str, Any], allowed_names: set[str]) -> tuple[str, ...]:
-        """Replace the client's `experts` by the engine's mask and salt; the experts used."""
-        request = parse_experts_field(body.pop("experts", None))
+    def _apply_experts(
+        self, scope: Scope, body: dict[str, Any], allowed_names: set[str]
+    ) -> tuple[str, ...]:
+        """Replace the client's choice (the `experts` field or the X-Composer-Experts header)
+        by the engine's mask and salt; the experts used."""
+        field = body.pop("experts", None)
+        headers = [v for k, v in scope["headers"] if k.lower() == HEADER]
+        if headers:
+            if len(headers) > 1 or field is not None:
+                raise SelectionError(
+                    400, "give experts once: the `experts` field or one X-Composer-Experts header"
+                )
+            field = parse_experts_header(headers[0].decode("latin-1"))
+        request = parse_experts_field(field)
         allowed = select_experts(self.names, request, allowed_names)
         body.pop("vllm_xargs", None)  # check_fields allows only an empty one
         body.update(engine_fields(self.names, allowed, self.salt_secret, body.get("cache_salt")))

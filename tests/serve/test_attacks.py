@@ -176,6 +176,25 @@ def test_errors_reveal_no_expert_the_key_cannot_use(live: Live) -> None:
         assert answers["nosuch", field][0] == 403
 
 
+def test_the_experts_header_obeys_the_same_policy(live: Live) -> None:
+    """X-Composer-Experts (for clients that cannot add body fields) has the body's rules."""
+    headers = {"Authorization": f"Bearer {live.keys['plain']}"}
+    url = live.server.base_url + "/v1/completions"
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 6, "temperature": 0.0}
+
+    def with_header(value: str) -> httpx.Response:
+        return httpx.post(url, json=body, headers={**headers, "X-Composer-Experts": value})
+
+    r = with_header("include=public,alpha")
+    assert r.status_code == 200 and r.headers["x-composer-experts"] == "public,alpha"
+    field = live.complete({"include": ["public", "alpha"]}, key="plain").json()
+    assert r.json()["choices"] == field["choices"]
+    for name in ("secret", "withdrawn", "nosuch"):  # restricted, opted out, unknown: one answer
+        r = with_header(f"include={name}")
+        assert r.status_code == 403 and name not in str(r.json()["error"]["available"])
+    assert with_header("exclude=b2").headers["x-composer-experts"] == "public,alpha"
+
+
 @pytest.mark.parametrize(
     "body, status",
     [

@@ -276,3 +276,26 @@ def test_a_disconnect_after_the_body_reaches_the_app(mw: ExpertsMiddleware) -> N
     scope = {"type": "http", "path": "/v1/completions", "method": "POST", "headers": []}
     asyncio.run(mw(scope, receive, send))
     assert seen == ["http.request", "http.disconnect"]
+
+
+def test_the_experts_header_follows_the_body_field_rules(client: TestClient) -> None:
+    def post(header: str | list[str] | None, body: dict[str, Any] | None = None) -> Any:
+        headers = [("x-composer-experts", h) for h in ([header] if isinstance(header, str) else
+                   header or [])]  # fmt: skip
+        return client.post("/v1/completions", json={"prompt": [1], **(body or {})},
+                           headers=headers)  # fmt: skip
+
+    r = post("include=code, math")
+    assert r.status_code == 200 and r.json()["experts"] == ["code", "math"]
+    assert r.json()["received"]["vllm_xargs"] == {MASK_KEY: [1, 3]}
+    assert post("EXCLUDE=legal").json()["experts"] == ["public", "code", "math"]
+    # The same refusals as the field: unknown names, nothing left, malformed.
+    assert post("include=nope").status_code == 403
+    assert post("include=").status_code == 400
+    assert post("exclude=public,code,legal,math").status_code == 400
+    for bad in ("code", "only=code", "include"):
+        r = post(bad)
+        assert r.status_code == 400 and "X-Composer-Experts" in r.json()["error"]["message"]
+    # Given twice (two headers, or header and field): refused rather than guessed.
+    assert post(["include=code", "include=math"]).status_code == 400
+    assert post("include=code", {"experts": {"include": ["code"]}}).status_code == 400
