@@ -23,3 +23,16 @@ class OptedOutError(BuildError):
 
 class AnchorMismatchError(BuildError):
     """A FlexOlmo expert's shared weights differ from the public model's."""
+
+
+def located(err: ComposerError, where: str) -> ComposerError:
+    """``err`` with ``where`` (a spec's ``file:line: field``, see Spec.where) in front of its
+    message, as the same class where it takes one message (else a PlanError): resolver and
+    registry errors found while planning then point at the spec line that named the input."""
+    message = getattr(err, "message", None) if type(err).__name__ == "SpecError" else None
+    text = f"{where}: {message if message is not None else err}"
+    try:
+        out = type(err)(text)
+    except TypeError:
+        out = PlanError(text)
+    return out
