@@ -43,7 +43,7 @@ class TuneResult:
     sequences: dict[str, torch.Tensor]  # expert -> the proxy token sequences used
     compute_dtype: torch.dtype = torch.float32  # the forward precision composer.precision chose
 
-    def record(self, proxy: dict[str, list[Path]]) -> dict[str, object]:
+    def record(self, proxy: dict[str, list[Path]], loss_sequences: int) -> dict[str, object]:
         """What composition.json keeps: per expert the files found, the sequences used and the
         sha256 of their tokens (which pins the exact proxy data), and the losses."""
         return {
@@ -55,7 +55,7 @@ class TuneResult:
                 }
                 for name, seqs in self.sequences.items()
             },
-            "loss_sequences_per_expert": LOSS_SEQUENCES,
+            "loss_sequences_per_expert": loss_sequences,
             "compute_dtype": precision.dtype_name(self.compute_dtype),
             "loss_before": round(self.loss_before, 6),
             "loss_after": round(self.loss_after, 6),
@@ -81,15 +81,16 @@ def proxy_sequences(
     return out
 
 
-# The before/after loss is measured on each expert's first LOSS_SEQUENCES proxy sequences: two
-# full passes over a large proxy sample would cost as much as the tuning itself.
+# The before/after loss is measured on each expert's first router.tune.loss_sequences proxy
+# sequences (default LOSS_SEQUENCES): two full passes over a large proxy sample would cost as
+# much as the tuning itself.
 LOSS_SEQUENCES = 32
 
 
-def loss_sample(sequences: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sequences the recorded before/after loss is measured on: each expert's first
-    ``LOSS_SEQUENCES``, experts in order."""
-    return torch.cat([s[:LOSS_SEQUENCES] for s in sequences.values()])
+def loss_sample(sequences: dict[str, torch.Tensor], n: int = LOSS_SEQUENCES) -> torch.Tensor:
+    """The sequences the recorded before/after loss is measured on: each expert's first ``n``,
+    experts in order."""
+    return torch.cat([s[:n] for s in sequences.values()])
 
 
 def trainable_routers(model: nn.Module, moe_layers: list[int]) -> list[nn.Parameter]:
@@ -129,7 +130,7 @@ def tune_routers(
     data = torch.cat(list(sequences.values()))
     params = trainable_routers(model, moe_layers)
     model.eval()  # no dropout: the loss is the model's own
-    loss_data = loss_sample(sequences)
+    loss_data = loss_sample(sequences, cfg.loss_sequences)
     compute_dtype = precision.choose(cfg.bf16, model)
     loss_before = mean_nll(model, loss_data, cfg.batch_size, compute_dtype)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)

@@ -81,6 +81,8 @@ class RouterTuneSpec(_Model):
     batch_size: int = Field(default=8, ge=1)
     seq_len: int = Field(default=128, ge=2)
     max_chunks: int = Field(default=32, ge=1)  # per expert, of seq_len tokens
+    # per expert: the sequences the recorded before/after loss is measured on
+    loss_sequences: int = Field(default=32, ge=1)
     bf16: Bf16Setting = "auto"  # bf16 autocast; auto: where native (composer.precision)
     tokenizer: Literal["base", "bytes"] = "base"  # bytes: UTF-8 bytes (tiny test models)
 

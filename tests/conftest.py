@@ -85,12 +85,15 @@ def cli(tmp_path: Path, db_url: str) -> Cli:
     return c
 
 
-@pytest.fixture(autouse=True)
-def _float32_compute(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _float32_compute() -> Iterator[None]:
     """Test numerics must not depend on the CPU they run on: the precision chooser sees no
-    native bf16 (COMPOSER_NATIVE_BF16=0, inherited by subprocesses); tests of the chooser and
-    of bf16 paths override the probe or set bf16 explicitly."""
-    monkeypatch.setenv("COMPOSER_NATIVE_BF16", "0")
+    native bf16 (COMPOSER_NATIVE_BF16=0, inherited by subprocesses), from the first
+    session-scoped fixture on; tests of the chooser and of bf16 paths override the probe or
+    set bf16 explicitly."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPOSER_NATIVE_BF16", "0")
+        yield
 
 
 @pytest.fixture

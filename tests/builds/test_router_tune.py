@@ -270,7 +270,7 @@ def test_too_little_proxy_text_fails_mid_build_and_leaves_nothing(
         (
             "  tune: {proxy: {code: a.txt}, rate: 1}\n",
             "router.tune.rate: unknown field; expected one of proxy, steps, lr, batch_size, "
-            "seq_len, max_chunks, bf16, tokenizer",
+            "seq_len, max_chunks, loss_sequences, bf16, tokenizer",
         ),
         (
             "  tune: {proxy: {code: a.txt}, tokenizer: gpt2}\n",
@@ -312,10 +312,11 @@ def test_tuning_precision_is_chosen_from_the_reported_capability(
     """router.tune.bf16 defaults to auto: bf16 autocast only where the device has native bf16;
     composition.json records what ran."""
     pretend(native)
-    tune = _tune_block(proxy).replace("    bf16: false\n", "")
+    tune = _tune_block(proxy).replace("    bf16: false\n", "    loss_sequences: 2\n")
     res = build_text(models, tmp_path / "out", _spec("base", "code, legal", tune))
     record = json.loads((res.out_dir / "composition.json").read_text())["router_tuning"]
     assert record["compute_dtype"] == ("bfloat16" if native else "float32")
+    assert record["loss_sequences_per_expert"] == 2
     assert (torch.bfloat16 if native else None) in autocast_seen
     if native:
         assert None not in autocast_seen  # every forward of the tuning ran under autocast
