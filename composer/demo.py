@@ -7,8 +7,10 @@ FlexOlmo-style MoE is built from examples/flexmix.yaml. The demo prints held-out
 domain for the public model, each expert (public + that expert, as it was trained) and the
 composed model, then generates an answer with the composed model.
 
-Settings trade quality for time on 2 CPU cores (see README): experts in a subset of layers, few
-short training steps, a small held-out sample. Override with COMPOSER_DEMO_* variables.
+Settings trade quality for time on 2 CPU cores (docs/demo.md): QUICK, the default, fits 30
+minutes in float32 on 2 AVX2 cores without native bf16; COMPOSER_DEMO_FULL=1 runs the previous,
+longer demo. Precision is composer.precision's choice (bf16 autocast only where native).
+COMPOSER_DEMO_<FIELD> overrides one field of DemoSettings.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class DemoSettings:
 # hour in float32 on 2 AVX2 cores). QUICK, the default: fits 30 minutes in float32 on 2 AVX2
 # cores at the same quality targets (docs/demo.md). examples/flexmix.yaml holds QUICK's tuning.
 FULL = DemoSettings("every:4", 80, 128, 8, 3e-4, 24, 128 * 128, 2048, 80, 32, True)
-QUICK = DemoSettings("every:4", 20, 128, 8, 3e-4, 24, 128 * 128, 2048, 16, 8, False)
+QUICK = DemoSettings("every:4", 16, 128, 8, 3e-4, 24, 128 * 128, 2048, 16, 8, False)
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> DemoSettings:

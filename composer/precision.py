@@ -167,7 +167,7 @@ def autocast(dtype: torch.dtype, device: Any = "cpu") -> AbstractContextManager[
 
 
 def device_type(device: Any) -> str:
-    """ "cpu" / "cuda" of a device name, a torch.device or a module's first parameter."""
+    """The device type (cpu, cuda) of a name, a torch.device or a module's first parameter."""
     import torch
 
     if isinstance(device, torch.nn.Module):
@@ -177,7 +177,7 @@ def device_type(device: Any) -> str:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """ "bfloat16" / "float32": the spelling vLLM's ``--dtype`` and config.json use."""
+    """The dtype's name as vLLM's ``--dtype`` and config.json spell it (bfloat16, float32)."""
     return str(dtype).removeprefix("torch.")
 
 
