@@ -13,6 +13,7 @@ from composer import precision
 from composer.expert_train import perplexity, train_expert
 from composer.precision import choose, cpu_capability, cpu_flags, parse_bf16
 from composer.spec import SpecError, parse_spec
+from registry.errors import ComposerError
 
 AVX2_FLAGS = frozenset({"fpu", "sse2", "avx", "fma", "avx2", "bmi2"})  # the issue's CPU
 AMX_FLAGS = AVX2_FLAGS | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
@@ -132,3 +133,37 @@ def test_training_and_evaluation_use_the_choice(
         progress=False, max_heldout_chunks=2, embed_chunks=4, bf16=not native,
     )  # fmt: skip
     assert (torch.bfloat16 if not native else None) in autocast_seen  # explicit setting wins
+
+
+@pytest.mark.parametrize(("flag", "want"), [(None, "auto"), ("true", True), ("off", False)])
+def test_expert_train_cli_flag(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: str | None, want: object
+) -> None:
+    """`composer expert train --bf16` reaches the trainer (auto when not given)."""
+    from typer.testing import CliRunner
+
+    import composer.expert_train as et
+    from cli.main import app
+
+    got: dict[str, object] = {}
+
+    def fake_train(*args: object, **kwargs: object) -> object:
+        got.update(kwargs)
+        raise ComposerError("stopped before training")
+
+    monkeypatch.setattr(et, "train_expert", fake_train)
+    args = ["expert", "train", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]
+    args += ["--domain", "d", *(["--bf16", flag] if flag else [])]
+    CliRunner().invoke(app, args)
+    assert got["bf16"] == want
+
+
+def test_expert_train_cli_refuses_a_bad_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    args = ["expert", "train", str(tmp_path), str(tmp_path), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, [*args, "--domain", "d", "--bf16", "maybe"])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == ["error: --bf16: expected auto, true or false, got 'maybe'"]
