@@ -61,7 +61,7 @@ class DemoSettings:
 # hour in float32 on 2 AVX2 cores). QUICK, the default: fits 30 minutes in float32 on 2 AVX2
 # cores at the same quality targets (docs/demo.md). examples/flexmix.yaml holds QUICK's tuning.
 FULL = DemoSettings("every:4", 80, 128, 8, 3e-4, 24, 128 * 128, 2048, 80, 32, True)
-QUICK = DemoSettings("every:4", 16, 128, 8, 3e-4, 24, 128 * 128, 2048, 16, 8, False)
+QUICK = DemoSettings("every:4", 16, 128, 8, 3e-4, 16, 128 * 128, 2048, 10, 8, False)
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> DemoSettings:
