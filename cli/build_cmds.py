@@ -12,16 +12,22 @@ from cli.output import console, err_console, print_json
 
 
 def _resolver() -> tuple[Any, Any]:
-    """The registry resolver when a registry exists, else local paths only."""
-    from composer.inputs import LocalPathResolver
-    from composer.registry_resolver import RegistryResolver
+    """The registry resolver when a registry exists, else checkpoint folders only (whose
+    errors say where the registry was looked for). A missing SQLite file is not created."""
+    from composer.registry_resolver import NoRegistryResolver, RegistryResolver
     from registry.errors import NotInitialisedError
     from registry.service import RegistryService
+    from registry.settings import composer_home, database_url, sqlite_path
 
+    url = database_url()
+    where = f"COMPOSER_HOME={composer_home()}"
+    db_file = sqlite_path(url)
+    if db_file is not None and not db_file.is_file():
+        return NoRegistryResolver(f"no registry database at {db_file} ({where})"), None
     try:
         service = RegistryService()
-    except NotInitialisedError:
-        return LocalPathResolver(), None
+    except NotInitialisedError as e:
+        return NoRegistryResolver(f"{e} ({where})"), None
     return RegistryResolver(service), service
 
 
@@ -32,7 +38,14 @@ def build(
         Path | None, typer.Option("--out", "-o", help="Output folder (must not exist).")
     ] = None,
     check: Annotated[
-        bool, typer.Option("--check", help="Validate and print the plan only.")
+        bool,
+        typer.Option(
+            "--check",
+            help="Validate the spec, resolve every input and print the plan; reads no weights "
+            "and writes nothing. Inputs must exist: registry names in the registry of "
+            "$COMPOSER_HOME (or $COMPOSER_DATABASE_URL), paths as checkpoint folders, and "
+            "any calibration or proxy files the spec names.",
+        ),
     ] = False,
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides the spec's seed.")] = None,
     record: Annotated[bool, typer.Option(help="Record the build in the registry.")] = True,

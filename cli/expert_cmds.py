@@ -9,6 +9,7 @@ import typer
 
 from cli.errors import handles_errors
 from cli.output import err_console, print_json
+from registry.errors import ComposerError
 
 expert_app = typer.Typer(help="Owner-side expert work (the data never leaves this machine).")
 
@@ -28,14 +29,28 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     lr: Annotated[float, typer.Option("--lr")] = 1e-4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    bf16: Annotated[
+        str,
+        typer.Option(
+            "--bf16",
+            help="auto (bf16 autocast only where the CPU/GPU computes bf16 natively), true or "
+            "false.",
+        ),
+    ] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Train an expert FFN (plus its router row and bias) against a frozen public model."""
     from composer.expert_train import train_expert
+    from composer.precision import parse_bf16
 
+    try:
+        precision = parse_bf16(bf16)
+    except ValueError as e:
+        raise ComposerError(f"--bf16: {e}") from None
     result = train_expert(
         public, [str(p) for p in data], out, domain=domain, layers=layers, steps=steps,
         seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed, progress=not json_out,
+        bf16=precision,
     )  # fmt: skip
     doc = {
         "out_dir": str(result.out_dir),

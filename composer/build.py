@@ -166,7 +166,7 @@ def _tune(
     files.update(overwrite_tensors(tmp, rows))
     if tuned.bias:
         extras[ROUTER_FILE] = _write_router_bias(tmp, tuned.bias)
-    return tuned.record(plan.proxy)
+    return tuned.record(plan.proxy, cfg.loss_sequences)
 
 
 def _write_router_bias(folder: Path, bias: dict[int, torch.Tensor]) -> str:

@@ -7,8 +7,10 @@ FlexOlmo-style MoE is built from examples/flexmix.yaml. The demo prints held-out
 domain for the public model, each expert (public + that expert, as it was trained) and the
 composed model, then generates an answer with the composed model.
 
-Settings trade quality for time on 2 CPU cores (see README): experts in a subset of layers, few
-short training steps, a small held-out sample. Override with COMPOSER_DEMO_* variables.
+Settings trade quality for time on 2 CPU cores (docs/demo.md): QUICK, the default, fits 30
+minutes in float32 on 2 AVX2 cores without native bf16; COMPOSER_DEMO_FULL=1 runs the previous,
+longer demo. Precision is composer.precision's choice (bf16 autocast only where native).
+COMPOSER_DEMO_<FIELD> overrides one field of DemoSettings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +36,49 @@ REPO = Path(__file__).resolve().parent.parent
 console = Console()
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(f"COMPOSER_DEMO_{name}", default))
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo trades for time (docs/demo.md measures both sets)."""
+
+    layers: str  # MoE layers the owners train; must match examples/flexmix.yaml's moe_layers
+    steps: int  # AdamW steps of batch x seq_len tokens per owner
+    seq_len: int
+    batch: int
+    lr: float
+    eval_chunks: int  # held-out chunks of seq_len tokens per domain
+    proxy_tokens: int  # proxy sample per owner (= router.tune.max_chunks x seq_len)
+    proxy_chars: int  # the beginning of each file: many files, not a few
+    tune_steps: int  # router.tune.steps of the flexmix build
+    tune_loss_sequences: int  # router.tune.loss_sequences: what the recorded loss is taken on
+    cross_eval: bool  # score every expert on every domain (else each on its own domain)
+
+    @property
+    def tune_chunks(self) -> int:
+        return self.proxy_tokens // self.seq_len
+
+
+# FULL: the demo as measured on 2026-11-25 (26 min on 2 cores with native bf16; well over an
+# hour in float32 on 2 AVX2 cores). QUICK, the default: fits 30 minutes in float32 on 2 AVX2
+# cores at the same quality targets (docs/demo.md). examples/flexmix.yaml holds QUICK's tuning.
+FULL = DemoSettings("every:4", 80, 128, 8, 3e-4, 24, 128 * 128, 2048, 80, 32, True)
+QUICK = DemoSettings("every:4", 16, 128, 8, 3e-4, 16, 128 * 128, 2048, 10, 8, False)
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> DemoSettings:
+    """QUICK, or FULL with COMPOSER_DEMO_FULL=1; COMPOSER_DEMO_<FIELD> overrides one field."""
+    env = dict(os.environ if env is None else env)
+    base = FULL if env.get("COMPOSER_DEMO_FULL", "0") not in ("", "0") else QUICK
+    over: dict[str, Any] = {}
+    for f in fields(DemoSettings):
+        raw = env.get(f"COMPOSER_DEMO_{f.name.upper()}")
+        if raw is not None:
+            kind = type(getattr(base, f.name))
+            over[f.name] = raw not in ("", "0", "false") if kind is bool else kind(raw)
+    return replace(base, **over)
 
 
 HOME = Path(os.environ.get("COMPOSER_DEMO_HOME", REPO / ".demo")).resolve()
-LAYERS = os.environ.get("COMPOSER_DEMO_LAYERS", "every:4")  # must match examples/flexmix.yaml
-STEPS = _env_int("STEPS", 80)
-SEQ_LEN = _env_int("SEQ_LEN", 128)
-BATCH = _env_int("BATCH", 8)
-EVAL_CHUNKS = _env_int("EVAL_CHUNKS", 24)
-LR = float(os.environ.get("COMPOSER_DEMO_LR", "3e-4"))
-PROXY_TOKENS = _env_int("PROXY_TOKENS", 128 * 128)  # router.tune.max_chunks x seq_len
-PROXY_CHARS = _env_int("PROXY_CHARS", 2048)  # the beginning of each file: many files, not a few
+S = settings_from_env()
 SERVE = os.environ.get("COMPOSER_DEMO_SERVE", "1") != "0"
 
 # Where each data owner's text lives on this machine (Debian + the Python that runs the demo).
@@ -77,73 +112,174 @@ def fresh_registry() -> Any:
     return RegistryService()
 
 
+class Stages:
+    """Wall and CPU time of each demo stage (the CPU time includes finished child processes:
+    vLLM), printed as it ends and summarised with the machine and its load at the end."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        self.load_start = os.getloadavg()
+
+    @contextmanager
+    def __call__(self, title: str, rule: bool = True) -> Iterator[None]:
+        if rule:
+            step(title)
+        t, c = time.perf_counter(), _cpu_s()
+        yield
+        row = {"stage": title, "wall_s": time.perf_counter() - t, "cpu_s": _cpu_s() - c}
+        self.rows.append(row)
+        console.print(
+            f"[dim]{title}: {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} s CPU "
+            f"(load average {os.getloadavg()[0]:.1f})[/dim]"
+        )
+
+    def summary(self, compute: str) -> Table:
+        total = time.perf_counter() - self.t0
+        table = Table(title=f"demo stages ({machine()}; {compute})")
+        for col in ("stage", "wall s", "CPU s"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        for r in self.rows:
+            table.add_row(r["stage"], f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}")
+        table.add_row("total", f"{total:.0f}", f"{_cpu_s():.0f}")
+        doc = {
+            "machine": machine(),
+            "compute": compute,
+            "settings": S.__dict__,
+            "stages": self.rows,
+            "total_wall_s": total,
+            "total_cpu_s": _cpu_s(),
+            "load_average_start": self.load_start,
+            "load_average_end": os.getloadavg(),
+        }
+        (HOME / "timings.json").write_text(json.dumps(doc, indent=2))
+        return table
+
+
+def _cpu_s() -> float:
+    import resource
+
+    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
+def machine() -> str:
+    """CPU model, core count and torch's reported capability, for the timing record."""
+    import torch
+
+    from composer.precision import cpu_flags
+
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags() or frozenset()
+    bf16 = ",".join(sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)) or "no bf16 flags"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, {os.cpu_count()} cores, torch {isa}, {bf16}"
+
+
 def main() -> None:
-    t_start = time.perf_counter()
+    stages = Stages()
     import torch
 
     torch.manual_seed(0)
+    from composer import precision
     from composer.expert_train import train_expert
     from composer.smollm2 import export_smollm2
 
+    compute = precision.dtype_name(precision.choose("auto"))
+    console.print(
+        f"settings: {'FULL' if S == FULL else 'QUICK' if S == QUICK else 'custom'} {S}; "
+        f"compute {compute}; {machine()}"
+    )
     HOME.mkdir(parents=True, exist_ok=True)
-    step("1. public model: SmolLM2-135M-Instruct (GGUF -> safetensors)")
-    public = export_smollm2(HOME / "models" / "smollm2")
-    service = fresh_registry()
-    service.add_base(public, "smollm2")
-    console.print(f"registered base 'smollm2' from {public}")
+    with stages("1. public model: SmolLM2-135M-Instruct (GGUF -> safetensors)"):
+        public = export_smollm2(HOME / "models" / "smollm2")
+        service = fresh_registry()
+        service.add_base(public, "smollm2")
+        console.print(f"registered base 'smollm2' from {public}")
 
     step("2. three data owners train and register experts on their own text")
-    trained: dict[str, Any] = {}
     for domain, paths in DOMAINS.items():
-        owner = f"{domain}-owner"
-        service.add_owner(owner)
-        console.print(f"[bold]{owner}[/bold] trains '{domain}' on {', '.join(paths)}")
-        res = train_expert(
-            public, paths, HOME / "experts" / domain, domain=domain, layers=LAYERS, steps=STEPS,
-            seq_len=SEQ_LEN, batch_size=BATCH, seed=0,
-            max_heldout_chunks=EVAL_CHUNKS, lr=LR, bf16=True,
-        )  # fmt: skip
-        trained[domain] = res
-        doc = service.add_expert(
-            res.out_dir, name=domain, owner=owner, base="smollm2", domain=domain, kind="ffn"
-        )
-        console.print(
-            f"  {doc['ref']} registered ({res.wall_s:.0f} s; held-out ppl {res.public_ppl:.2f} "
-            f"public -> {res.expert_ppl:.2f} with expert)"
-        )
+        with stages(f"2. train {domain}", rule=False):
+            owner = f"{domain}-owner"
+            service.add_owner(owner)
+            console.print(f"[bold]{owner}[/bold] trains '{domain}' on {', '.join(paths)}")
+            # No held-out evaluation here: step 5 scores the same held-out chunks.
+            res = train_expert(
+                public, paths, HOME / "experts" / domain, domain=domain, layers=S.layers,
+                steps=S.steps, seq_len=S.seq_len, batch_size=S.batch, seed=0,
+                max_heldout_chunks=0, lr=S.lr,
+            )  # fmt: skip
+            doc = service.add_expert(
+                res.out_dir, name=domain, owner=owner, base="smollm2", domain=domain, kind="ffn"
+            )
+            console.print(
+                f"  {doc['ref']} registered ({res.train_s:.0f} s for {S.steps} steps, "
+                f"loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f})"
+            )
 
-    step("3. each owner contributes a small proxy sample of its training text (router tuning)")
-    from composer.expert_train import HFTokenizer
+    with stages("3. each owner contributes a small proxy sample of its training text"):
+        from composer.expert_train import HFTokenizer
 
-    tok = HFTokenizer(public)
-    for domain, paths in DOMAINS.items():
-        n_files, n_tokens = write_proxy_sample(
-            paths, HOME / "proxy" / domain, tok, PROXY_TOKENS, PROXY_CHARS
-        )
-        console.print(f"  {domain}-owner: {n_files} files, {n_tokens} tokens -> proxy/{domain}")
+        tok = HFTokenizer(public)
+        for domain, paths in DOMAINS.items():
+            n_files, n_tokens = write_proxy_sample(
+                paths, HOME / "proxy" / domain, tok, S.proxy_tokens, S.proxy_chars
+            )
+            console.print(f"  {domain}-owner: {n_files} files, {n_tokens} tokens -> proxy/{domain}")
 
-    step("4. composer build examples/flexmix.yaml")
-    composed = build_spec(service, REPO / "examples" / "flexmix.yaml", HOME / "builds" / "flexmix")
-    untuned = build_text(service, _untuned_spec(), HOME / "builds" / "flexmix-untuned")
-    singles = {
-        d: build_text(service, _single_spec(d), HOME / "builds" / f"only-{d}") for d in DOMAINS
-    }
+    with stages("4. composer build examples/flexmix.yaml (router tuning)"):
+        composed = _build(service, flexmix_spec(), HOME / "builds" / "flexmix")
+    with stages("4b. builds for the table: untuned, public + one expert"):
+        untuned = build_text(service, _untuned_spec(), HOME / "builds" / "flexmix-untuned")
+        singles = {
+            d: build_text(service, _single_spec(d), HOME / "builds" / f"only-{d}") for d in DOMAINS
+        }
 
-    step("5. held-out perplexity per domain")
-    table = perplexity_table(public, singles, untuned, composed)
-    console.print(table)
+    with stages("5. held-out perplexity per domain"):
+        table = perplexity_table(public, singles, untuned, composed)
+        console.print(table)
 
     if SERVE:
-        step("6. composer serve flexmix: each request toggles experts; opted-out experts are off")
-        serve_and_ask(service)
+        title = "6. composer serve flexmix: each request toggles experts; opted-out are off"
+        with stages(title):
+            serve_and_ask(service, compute)
     else:
-        step("6. the composed model answers (transformers)")
-        console.print(f"[bold]Q:[/bold] {QUESTION}")
-        console.print(f"[bold]A:[/bold] {generate(composed, QUESTION)}")
-    console.print(f"demo finished in {time.perf_counter() - t_start:.0f} s; files in {HOME}")
+        with stages("6. the composed model answers (transformers)"):
+            console.print(f"[bold]Q:[/bold] {QUESTION}")
+            console.print(f"[bold]A:[/bold] {generate(composed, QUESTION)}")
+    console.print(stages.summary(compute))
+    console.print(f"demo finished in {time.perf_counter() - stages.t0:.0f} s; files in {HOME}")
 
 
-def serve_and_ask(service: Any) -> None:
+def flexmix_spec() -> Any:
+    """examples/flexmix.yaml, with the settings' router tuning where they differ from the file
+    (COMPOSER_DEMO_FULL=1 or COMPOSER_DEMO_TUNE_* / _PROXY_TOKENS / _SEQ_LEN)."""
+    from composer.spec import load_spec
+
+    spec = load_spec(REPO / "examples" / "flexmix.yaml")
+    tune = spec.router.tune
+    assert tune is not None
+    want = {
+        "steps": S.tune_steps,
+        "max_chunks": S.tune_chunks,
+        "seq_len": S.seq_len,
+        "loss_sequences": S.tune_loss_sequences,
+    }
+    if all(getattr(tune, k) == v for k, v in want.items()):
+        return spec
+    console.print(f"  router.tune overridden by the demo settings: {want}")
+    router = spec.router.model_copy(update={"tune": tune.model_copy(update=want)})
+    return spec.model_copy(update={"router": router})
+
+
+def serve_and_ask(service: Any, dtype: str) -> None:
     """Start `composer serve flexmix` (vLLM on CPU), ask with all experts and without 'code',
     then let the code owner opt out and show that the server stops using the expert."""
     import httpx
@@ -153,7 +289,7 @@ def serve_and_ask(service: Any) -> None:
     cmd = [
         str(Path(sys.executable).parent / "composer"), "serve", "flexmix", "--port", str(port),
         "--served-model-name", "flexmix", "--",
-        "--dtype", "bfloat16", "--max-model-len", "1024",
+        "--dtype", dtype, "--max-model-len", "1024",
         "--kv-cache-memory-bytes", str(256 << 20), "--seed", "0",
     ]  # fmt: skip
     console.print("$ composer serve flexmix --port " + str(port) + f"   (log: {log})")
@@ -221,12 +357,6 @@ def _wait_healthy(
                 pass
             time.sleep(1)
     raise RuntimeError(f"server not healthy after {timeout:.0f} s; see {log}")
-
-
-def build_spec(service: Any, spec_path: Path, out: Path) -> Path:
-    from composer.spec import load_spec
-
-    return _build(service, load_spec(spec_path), out)
 
 
 def build_text(service: Any, text: str, out: Path) -> Path:
@@ -304,7 +434,7 @@ def _single_spec(domain: str) -> str:
 def _layers_yaml() -> str:
     from composer.expert_train import parse_layers
 
-    return json.dumps(parse_layers(LAYERS, 30))
+    return json.dumps(parse_layers(S.layers, 30))
 
 
 def perplexity_table(
@@ -315,7 +445,7 @@ def perplexity_table(
     tok = HFTokenizer(public)
     heldout = {
         d: load_token_chunks(
-            paths, tok, SEQ_LEN, max_train_chunks=1, max_heldout_chunks=EVAL_CHUNKS
+            paths, tok, S.seq_len, max_train_chunks=1, max_heldout_chunks=S.eval_chunks
         ).heldout  # fmt: skip
         for d, paths in DOMAINS.items()
     }
@@ -325,21 +455,31 @@ def perplexity_table(
     results: dict[str, dict[str, float]] = {}
     for label, path in models.items():
         model = load_causal_lm(path)  # once per model, not once per domain
-        results[label] = {d: perplexity(model, chunks) for d, chunks in heldout.items()}
+        # Without cross_eval an expert is scored on its own domain only (the best expert of a
+        # domain has always been its own: docs/demo.md).
+        domains = [label[7:]] if label.startswith("expert ") and not S.cross_eval else DOMAINS
+        results[label] = {d: perplexity(model, heldout[d]) for d in domains}
         console.print(f"  {label}: " + ", ".join(f"{d} {v:.2f}" for d, v in results[label].items()))
     table = Table(title="held-out perplexity (lower is better)")
     table.add_column("model")
     for d in DOMAINS:
         table.add_column(d, justify="right")
-    best = {d: min(results[f"expert {x}"][d] for x in DOMAINS) for d in DOMAINS}
+    best = {d: min(results[f"expert {x}"].get(d, float("inf")) for x in DOMAINS) for d in DOMAINS}
     for label, row in results.items():
-        table.add_row(label, *(f"{row[d]:.2f}" for d in DOMAINS))
-    for label, short in (
-        ("composed, routers as trained", "as trained vs best expert"),
-        ("composed (flexmix, router tuned)", "router tuned vs best expert"),
+        table.add_row(label, *(f"{row[d]:.2f}" if d in row else "-" for d in DOMAINS))
+    tuned = results["composed (flexmix, router tuned)"]
+    for label, short, ref in (
+        ("composed, routers as trained", "as trained vs best expert", best),
+        ("composed (flexmix, router tuned)", "router tuned vs best expert", best),
+        ("composed (flexmix, router tuned)", "router tuned vs public", results["public"]),
     ):
-        gap = {d: 100 * (results[label][d] / best[d] - 1) for d in DOMAINS}
+        gap = {d: 100 * (results[label][d] / ref[d] - 1) for d in DOMAINS}
         table.add_row(short, *(f"{gap[d]:+.1f}%" for d in DOMAINS))
+    met = all(tuned[d] <= 1.02 * best[d] and tuned[d] < results["public"][d] for d in DOMAINS)
+    console.print(
+        "targets (router tuned within 2 % of each best expert, better than public everywhere): "
+        + ("[green]met[/green]" if met else "[red]not met[/red]")
+    )
     (HOME / "perplexity.json").write_text(json.dumps(results, indent=2))
     return table
 

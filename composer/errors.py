@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from composer.spec import SpecError
 from registry.errors import ComposerError
 
 
@@ -23,3 +24,15 @@ class OptedOutError(BuildError):
 
 class AnchorMismatchError(BuildError):
     """A FlexOlmo expert's shared weights differ from the public model's."""
+
+
+def located(err: ComposerError, where: str) -> ComposerError:
+    """``err`` with ``where`` (a spec's ``file:line: field``, see Spec.where) in front of its
+    message, as the same class where it takes one message (else a PlanError): resolver and
+    registry errors found while planning then point at the spec line that named the input."""
+    text = f"{where}: {err.message if isinstance(err, SpecError) else err}"
+    try:
+        out = type(err)(text)
+    except TypeError:
+        out = PlanError(text)
+    return out

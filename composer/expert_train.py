@@ -39,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors import safe_open
 from torch import nn
 
+from composer import precision
+from composer.precision import Bf16Setting
 from router_train.domain_embedding import FfnInputMeans
 from router_train.pair_ffn import PairFFN, init_router_from_domain_embedding, public_router_row
 
@@ -297,15 +299,16 @@ def mean_nll(
     model: nn.Module,
     token_chunks: torch.Tensor | Sequence[Sequence[int]],
     batch_size: int = 8,
-    bf16: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> float:
     """Mean next-token NLL over all predicted positions of the chunks, each scored independently
-    (``bf16``: bfloat16 autocast in the forward pass); NaN when there is nothing to predict."""
+    (``compute_dtype`` bfloat16: autocast in the forward pass, see composer.precision); NaN when
+    there is nothing to predict."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in _batches(_as_chunks(token_chunks), batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with precision.autocast(compute_dtype, model):
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         target = batch[:, 1:]
         nll = nn.functional.cross_entropy(
@@ -321,11 +324,13 @@ def perplexity(
     model: str | Path | nn.Module,
     token_chunks: torch.Tensor | Sequence[Sequence[int]],
     batch_size: int = 8,
+    bf16: Bf16Setting = "auto",
 ) -> float:
     """exp(mean next-token NLL) over all predicted positions of the chunks (dense or MoE, any HF
-    causal LM; a path is loaded in float32). Each chunk is scored independently."""
+    causal LM; a path is loaded in float32). Each chunk is scored independently; ``bf16``
+    picks the forward precision (auto: bf16 autocast only where it is native)."""
     m = load_causal_lm(model) if isinstance(model, str | Path) else model
-    return math.exp(mean_nll(m, token_chunks, batch_size))
+    return math.exp(mean_nll(m, token_chunks, batch_size, precision.choose(bf16, m)))
 
 
 def seeded_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -507,7 +512,9 @@ class TrainConfig(BaseModel):
     heldout_fraction: float = Field(0.1, ge=0, lt=1)
     max_heldout_chunks: int = Field(32, ge=0)
     embed_chunks: int = Field(32, ge=1, description="train chunks for the domain embedding")
-    bf16: bool = Field(False, description="bf16 autocast for the forward pass (CPU AMX)")
+    bf16: Bf16Setting = Field(
+        "auto", description="bf16 autocast in the forward pass; auto: where bf16 is native"
+    )
     num_threads: int | None = None
 
 
@@ -556,6 +563,7 @@ def train_pairs(
         weight_decay=0.0,
     )
     batches = seeded_batches(train_chunks.shape[0], cfg.batch_size, cfg.seed)
+    compute_dtype = precision.choose(cfg.bf16, model)
     losses: list[float] = []
     model.train()
     bar = tqdm(range(cfg.steps), desc=f"expert {cfg.domain}", disable=not progress, leave=False)
@@ -563,7 +571,7 @@ def train_pairs(
         batch = train_chunks[next(batches)]
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * _lr_factor(step, cfg.steps, cfg.warmup_steps)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with precision.autocast(compute_dtype, model):
             out = model(input_ids=batch, labels=batch, use_cache=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -633,7 +641,9 @@ def train_expert(
 
     model = load_causal_lm(public_dir)
     layer_ids = parse_layers(cfg.layers, len(decoder_layers(model)))
-    public_ppl = perplexity(model, heldout, cfg.batch_size) if len(heldout) else float("nan")
+    public_ppl = (
+        perplexity(model, heldout, cfg.batch_size, cfg.bf16) if len(heldout) else float("nan")
+    )
     embeddings = compute_domain_embeddings(
         model, data.train[: cfg.embed_chunks], layer_ids, cfg.batch_size
     )
@@ -642,7 +652,9 @@ def train_expert(
     t_train = time.perf_counter()
     losses = train_pairs(model, pairs, data.train, cfg, progress)
     train_s = time.perf_counter() - t_train
-    expert_ppl = perplexity(model, heldout, cfg.batch_size) if len(heldout) else float("nan")
+    expert_ppl = (
+        perplexity(model, heldout, cfg.batch_size, cfg.bf16) if len(heldout) else float("nan")
+    )
 
     ffn_weights: dict[str, torch.Tensor] = {}
     extras: dict[str, torch.Tensor] = {}

@@ -74,7 +74,9 @@ class LocalPathResolver:
         if not path.is_absolute() and self.root is not None:
             path = self.root / path
         if not (path / "config.json").is_file():
-            raise ResolveError(f"{ref!r} is not a checkpoint folder (no config.json at {path})")
+            raise ResolveError(
+                f"{ref!r} is not a checkpoint folder (no config.json at {path.absolute()})"
+            )
         path = path.resolve()
         kind = "base" if role == "base" else ("ffn" if _has_expert_file(path) else "dense")
         return ResolvedInput(

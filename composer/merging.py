@@ -9,7 +9,6 @@ docs/merging.md documents the spec fields.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 from composer.build import BuildResult
 from composer.checkpoint import Checkpoint, CheckpointError
-from composer.errors import BuildError, PlanError
+from composer.errors import BuildError, PlanError, located
 from composer.inputs import ResolvedInput, Resolver
 from composer.manifest import input_record, library_versions
 from composer.merging_exec import (
@@ -31,11 +30,12 @@ from composer.merging_exec import (
 from composer.merging_params import (
     MergeSettings,
     MoeMergeSettings,
+    param_where,
     parse_merge_parameters,
     parse_moe_merge_parameters,
     spec_error,
 )
-from composer.plan import Step, check_consent
+from composer.plan import Step, check_consent, resolve_inputs
 from composer.spec import Spec, SpecError, parse_size
 from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
 from merge.errors import MergeError
@@ -111,25 +111,24 @@ def plan_merge(spec: Spec, resolver: Resolver) -> MergePlan:
     p = settings.params
     if "seed" in type(p).model_fields and "seed" not in (spec.parameters or {}):
         settings.params = p.model_copy(update={"seed": spec.seed})  # the build may override
-    base = resolver.resolve(spec.base, role="base")
-    experts = []
-    for entry in spec.experts:
-        r = resolver.resolve(entry.ref, role="expert")
-        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
-    check_consent([base, *experts])
+    base, experts = resolve_inputs(spec, resolver)
+    check_consent(spec, base, experts)
     names = [e.name for e in experts]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise PlanError(f"experts: duplicate expert names {dup}; give each a 'name'")
+        raise PlanError(
+            f"{spec.where('experts')}: duplicate expert names {dup}; give each a 'name'"
+        )
     base_config = json.loads((base.path / "config.json").read_text())
     dtype = spec.output.dtype
     if dtype == "auto":
         dtype = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
     if dtype not in _DTYPES:
-        raise PlanError(f"output.dtype: unsupported dtype {dtype!r}")
-    for files in _calibration_files(settings):
-        if not files.is_file():
-            raise PlanError(f"parameters.calibration: file {files} does not exist")
+        raise PlanError(f"{spec.where('output', 'dtype')}: unsupported dtype {dtype!r}")
+    for loc, file in _calibration_files(settings):
+        if not file.is_file():
+            where = param_where(spec, ("calibration", *loc))
+            raise PlanError(f"{where}: file {file} does not exist")
     plan = MergePlan(
         spec=spec,
         method=f"{spec.method}/{settings.method}",
@@ -149,37 +148,55 @@ def plan_merge(spec: Spec, resolver: Resolver) -> MergePlan:
 
 def _merge_settings(spec: Spec) -> MergeSettings:
     if not spec.experts:
-        raise SpecError(spec.source, None, "experts", "method 'merge' needs at least one expert")
+        raise SpecError(
+            spec.source, spec.line("experts"), "experts", "method 'merge' needs at least one expert"
+        )
     return parse_merge_parameters(spec)
 
 
 def _moe_settings(spec: Spec) -> MoeMergeSettings:
     if spec.experts:
         raise SpecError(
-            spec.source, None, "experts", "method 'moe_merge' merges the experts of the base"
+            spec.source,
+            spec.line("experts"),
+            "experts",
+            "method 'moe_merge' merges the experts of the base",
         )
     return parse_moe_merge_parameters(spec)
 
 
-def _calibration_files(settings: MergeSettings | MoeMergeSettings) -> list[Path]:
+def _calibration_files(
+    settings: MergeSettings | MoeMergeSettings,
+) -> list[tuple[tuple[int, ...], Path]]:
+    """(index under parameters.calibration, file) of every calibration file."""
     cal = settings.calibration or []
-    return [f for c in cal for f in (c if isinstance(c, list) else [c])]
+    if isinstance(settings, MergeSettings):  # one file list per expert
+        return [((i, j), f) for i, files in enumerate(cal) for j, f in enumerate(files)]
+    return [((j,), f) for j, f in enumerate(cal)]
 
 
 def _plan_dense(plan: MergePlan) -> None:
-    for e in plan.experts:
+    spec = plan.spec
+    for i, e in enumerate(plan.experts):
+        where = spec.where("experts", i)
         if e.kind not in ("dense", "ffn", "base"):
-            raise PlanError(f"expert '{e.name}': kind {e.kind!r} cannot be merged (dense or ffn)")
+            raise PlanError(
+                f"{where}: expert '{e.name}': kind {e.kind!r} cannot be merged (dense or ffn)"
+            )
         cfg = json.loads((e.path / "config.json").read_text())
         for k in _ARCH_KEYS:
             if cfg.get(k) != plan.base_config.get(k):
                 raise PlanError(
-                    f"expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
+                    f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
                     f"{plan.base_config.get(k)!r}"
                 )
     try:
         with _opened(plan) as (base, experts):
-            check_expert_tensors(base, experts, [e.name for e in plan.experts])
+            for i, (e, ck) in enumerate(zip(plan.experts, experts, strict=True)):
+                try:
+                    check_expert_tensors(base, [ck], [e.name])
+                except PlanError as exc:
+                    raise located(exc, spec.where("experts", i)) from None
     except CheckpointError as exc:
         raise PlanError(str(exc)) from None
     s = plan.settings
@@ -211,11 +228,12 @@ def _plan_moe(plan: MergePlan) -> None:
     assert isinstance(s, MoeMergeSettings)
     if cfg.get("model_type") != "mixtral":
         raise PlanError(
-            f"base: moe_merge needs a Mixtral checkpoint, got model_type {cfg.get('model_type')!r}"
+            f"{plan.spec.where('base')}: moe_merge needs a Mixtral checkpoint, got model_type "
+            f"{cfg.get('model_type')!r}"
         )
     if cfg.get("composer_router_file"):
         raise PlanError(
-            "base: moe_merge cannot carry a per-expert router bias file "
+            f"{plan.spec.where('base')}: moe_merge cannot carry a per-expert router bias file "
             f"({cfg['composer_router_file']}) through a merge"
         )
     have, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])

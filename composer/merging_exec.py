@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from composer import precision
 from composer.checkpoint import Checkpoint, layer_of
 from composer.errors import PlanError
 from composer.heap import trim_heap
@@ -291,7 +292,8 @@ def run_calibrated(
     expert_sds = [_read_all(e) for e in experts]
     _, fn = CALIBRATED_METHODS[s.method]
     torch.manual_seed(0)  # nothing random should remain, but keep any kernel choice fixed
-    result = fn(model, base_sd, expert_sds, calibration, params, names)
+    compute_dtype = precision.choose(s.bf16, model)
+    result = fn(model, base_sd, expert_sds, calibration, params, names, compute_dtype)
     del model, expert_sds
     merged = result.state_dict
     out_dtype = TORCH_DTYPES[plan.dtype]
@@ -303,6 +305,7 @@ def run_calibrated(
         "initial_alignment": result.initial_alignment,
         "final_alignment": result.final_alignment,
         "steps": len(result.losses),
+        "compute_dtype": precision.dtype_name(compute_dtype),
         "chunked_tensors": result.chunked,
         "mean_coefficients": {
             k: [round(float(x), 6) for x in (c if c.dim() == 1 else c.mean(1))]

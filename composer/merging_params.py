@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from composer.precision import Bf16Setting, parse_bf16
 from composer.spec import SpecError
 from merge.low_rank import LowRankParams
 from merge.m_smoe import MSMoEParams, UniformMergeParams
@@ -23,6 +24,8 @@ MERGE_METHODS = (*DENSE_METHODS, *CALIBRATED_METHODS)
 MOE_MERGE_METHODS = ("m_smoe", "uniform")
 # Build-level keys: the rest of ``parameters`` goes to the method's own parameter model.
 _CALIBRATION_KEYS = ("calibration", "seq_len", "max_calibration_tokens", "batch_size")
+# The precision of Expert Merging's forward passes (composer.precision): auto, true or false.
+_PRECISION_KEY = "bf16"
 
 
 class CalibrationSettings(BaseModel):
@@ -44,6 +47,7 @@ class MergeSettings(BaseModel):
     params: BaseModel  # the merge/ parameter model of ``method``
     calibration: list[list[Path]] | None = None  # one file list per expert (calibrated methods)
     tokens: CalibrationSettings = Field(default_factory=CalibrationSettings)
+    bf16: Bf16Setting = "auto"  # bf16 autocast of calibrated methods; auto: where native
 
     @property
     def calibrated(self) -> bool:
@@ -86,8 +90,16 @@ def param_line(source: Path | None, loc: tuple[Any, ...]) -> int | None:
 
 def spec_error(spec: Any, loc: tuple[Any, ...], message: str) -> SpecError:
     """SpecError at ``parameters.<loc>`` of ``spec`` (a composer.spec.Spec)."""
-    field = "parameters" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-    return SpecError(spec.source, param_line(spec.source, loc), field, message)
+    return SpecError(spec.source, param_line(spec.source, loc), _param_field(loc), message)
+
+
+def param_where(spec: Any, loc: tuple[Any, ...]) -> str:
+    """``file:line: parameters.<loc>`` of ``spec``, for plan errors (as Spec.where)."""
+    return str(spec_error(spec, loc, "")).removesuffix(": ")
+
+
+def _param_field(loc: tuple[Any, ...]) -> str:
+    return "parameters" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
 
 
 def _validate(spec: Any, model: type[BaseModel], data: dict[str, Any]) -> BaseModel:
@@ -117,12 +129,12 @@ def _split(spec: Any, known: tuple[str, ...]) -> tuple[str, dict[str, Any], dict
     if method not in known:
         raise spec_error(spec, ("method",), f"unknown value {method!r}; expected one of "
                          + ", ".join(known))  # fmt: skip
-    build_keys = {k: raw.pop(k) for k in _CALIBRATION_KEYS if k in raw}
+    build_keys = {k: raw.pop(k) for k in (*_CALIBRATION_KEYS, _PRECISION_KEY) if k in raw}
     return method, raw, build_keys
 
 
 def _tokens(spec: Any, build_keys: dict[str, Any]) -> CalibrationSettings:
-    data = {k: v for k, v in build_keys.items() if k != "calibration"}
+    data = {k: v for k, v in build_keys.items() if k in _CALIBRATION_KEYS and k != "calibration"}
     return _validate(spec, CalibrationSettings, data)  # type: ignore[return-value]
 
 
@@ -162,8 +174,28 @@ def parse_merge_parameters(spec: Any) -> MergeSettings:
     elif "calibration" in build_keys:
         raise spec_error(spec, ("calibration",), f"method {method!r} uses no calibration data")
     return MergeSettings(
-        method=method, params=params, calibration=calibration, tokens=_tokens(spec, build_keys)
+        method=method,
+        params=params,
+        calibration=calibration,
+        tokens=_tokens(spec, build_keys),
+        bf16=_bf16(spec, method, build_keys),
     )
+
+
+def _no_bf16(method: str) -> str:
+    return f"only {' and '.join(CALIBRATED_METHODS)} take bf16, not method {method!r}"
+
+
+def _bf16(spec: Any, method: str, build_keys: dict[str, Any]) -> Any:
+    """``parameters.bf16`` (auto, true or false) of a calibrated method; others run no model."""
+    if _PRECISION_KEY not in build_keys:
+        return "auto"
+    if method not in CALIBRATED_METHODS:
+        raise spec_error(spec, (_PRECISION_KEY,), _no_bf16(method))
+    try:
+        return parse_bf16(build_keys[_PRECISION_KEY])
+    except ValueError as e:
+        raise spec_error(spec, (_PRECISION_KEY,), str(e)) from None
 
 
 def _model_of(method: str) -> type[BaseModel]:
@@ -174,6 +206,8 @@ def _model_of(method: str) -> type[BaseModel]:
 def parse_moe_merge_parameters(spec: Any) -> MoeMergeSettings:
     """``parameters`` of a ``method: moe_merge`` spec -> MoeMergeSettings (raises SpecError)."""
     method, raw, build_keys = _split(spec, MOE_MERGE_METHODS)
+    if _PRECISION_KEY in build_keys:
+        raise spec_error(spec, (_PRECISION_KEY,), _no_bf16(method))
     if method == "m_smoe":
         compress = raw.pop("compress", None)
         low_rank = {k: raw.pop(k) for k in ("rank", "sparse_density", "iters") if k in raw}

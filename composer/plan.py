@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from composer.arch import MIXTRAL, OutputArch, output_arch
-from composer.errors import MethodNotAvailable, OptedOutError, PlanError
+from composer.errors import MethodNotAvailable, OptedOutError, PlanError, located
 from composer.inputs import ResolvedInput, Resolver
 from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
+from registry.errors import ComposerError
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
 
@@ -90,35 +91,64 @@ def _ranges(xs: list[int]) -> str:
 
 
 def resolve_moe_layers(spec: Spec, num_layers: int) -> list[int]:
+    """The MoE layer indices of ``spec`` for a base of ``num_layers`` layers."""
     ml = spec.moe_layers
     if ml == "all":
         return list(range(num_layers))
     if isinstance(ml, MoeLayersEvery):
         return list(range(ml.offset, num_layers, ml.every))
-    bad = [i for i in ml if i >= num_layers]
+    bad = [(j, i) for j, i in enumerate(ml) if i >= num_layers]
     if bad:
-        raise PlanError(f"moe_layers: layer {bad[0]} out of range (the base has {num_layers})")
+        j, i = bad[0]
+        raise PlanError(
+            f"{spec.where('moe_layers', j)}: layer {i} out of range (the base has {num_layers})"
+        )
     return sorted(set(ml))
 
 
-def check_consent(inputs: list[ResolvedInput]) -> None:
-    """Refuse every input whose owner opted out, naming all of them in one error."""
-    out = [r for r in inputs if r.policy == "opt_out"]
+def resolve_inputs(spec: Spec, resolver: Resolver) -> tuple[ResolvedInput, list[ResolvedInput]]:
+    """The spec's base and experts resolved; an input that cannot be resolved is an error at the
+    spec line that names it (``file:line: base:`` / ``experts[i]:``)."""
+    try:
+        base = resolver.resolve(spec.base, role="base")
+    except ComposerError as e:
+        raise located(e, spec.where("base")) from None
+    experts = []
+    for i, entry in enumerate(spec.experts):
+        try:
+            r = resolver.resolve(entry.ref, role="expert")
+        except ComposerError as e:
+            raise located(e, spec.where("experts", i)) from None
+        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
+    return base, experts
+
+
+def check_consent(spec: Spec, base: ResolvedInput, experts: list[ResolvedInput]) -> None:
+    """Refuse every input whose owner opted out, naming all of them in one error (at the spec
+    line of the first)."""
+    inputs = [(("base",), base), *((("experts", i), e) for i, e in enumerate(experts))]
+    out = [(loc, r) for loc, r in inputs if r.policy == "opt_out"]
     if out:
-        who = ", ".join(f"'{r.name}' (owner {r.owner or 'unknown'})" for r in out)
-        raise OptedOutError(f"refused: the owners of these inputs have opted out: {who}")
+        who = ", ".join(f"'{r.name}' (owner {r.owner or 'unknown'})" for _, r in out)
+        raise OptedOutError(
+            f"{spec.where(*out[0][0])}: refused: the owners of these inputs have opted out: {who}"
+        )
 
 
 def _check_calibration_files(spec: Spec) -> None:
     """Calibration text must exist and be non-empty (else the router step fails mid-build)."""
-    sets = [(f"router.calibration[{i}]", s) for i, s in enumerate(spec.router.calibration or [])]
+    sets = [(("router", "calibration", i), s) for i, s in enumerate(spec.router.calibration or [])]
     if spec.router.public_calibration:
-        sets.append(("router.public_calibration", spec.router.public_calibration))
-    for where, files in sets:
+        sets.append((("router", "public_calibration"), spec.router.public_calibration))
+    for loc, files in sets:
         if not files:
-            raise PlanError(f"{where}: names no file")
+            raise PlanError(f"{spec.where(*loc)}: names no file")
+        where = spec.where(*loc)
         for f in files:
-            path = spec.resolve_path(f)
+            try:
+                path = spec.resolve_path(f)
+            except SpecError as e:  # an unset $VAR
+                raise located(e, where) from None
             if not path.is_file():
                 raise PlanError(f"{where}: {path} does not exist")
             if path.stat().st_size == 0:
@@ -164,18 +194,14 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
             f"method '{spec.method}' is planned by composer.merging.plan_merge "
             "(composer.build.plan_for picks the planner for any method)"
         )
-    base = resolver.resolve(spec.base, role="base")
-    experts = []
-    for entry in spec.experts:
-        r = resolver.resolve(entry.ref, role="expert")
-        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
-    check_consent([base, *experts])
+    base, experts = resolve_inputs(spec, resolver)
+    check_consent(spec, base, experts)
 
     base_config = json.loads((base.path / "config.json").read_text())
     try:
         arch = output_arch(base_config)
     except Exception as e:
-        raise PlanError(f"base: {e}") from None
+        raise PlanError(f"{spec.where('base')}: {e}") from None
     n_layers = int(base_config["num_hidden_layers"])
     moe_layers = resolve_moe_layers(spec, n_layers)
     dense_layers = [i for i in range(n_layers) if i not in moe_layers]
@@ -189,15 +215,15 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     else:
         names = [e.name for e in experts]
     if len(set(names)) != len(names):
-        raise PlanError(f"experts: duplicate expert names {names}")
+        raise PlanError(f"{spec.where('experts')}: duplicate expert names {names}")
 
     # FlexOlmo does not renormalise top-k weights; Mixtral always does.
     default_norm = arch is MIXTRAL or spec.style != "flexolmo"
     norm = spec.norm_topk_prob if spec.norm_topk_prob is not None else default_norm
     if arch is MIXTRAL and not norm:
         raise PlanError(
-            "norm_topk_prob: false is not expressible in MixtralForCausalLM, which always "
-            "renormalises the top-k weights (Llama/Mistral bases become Mixtral)"
+            f"{spec.where('norm_topk_prob')}: false is not expressible in MixtralForCausalLM, "
+            "which always renormalises the top-k weights (Llama/Mistral bases become Mixtral)"
         )
     default_init = {"upcycle": "random", "compose/flexolmo": "domain_embedding"}.get(
         method, "random"
@@ -212,22 +238,24 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
         )
 
     notes: list[str] = []
-    for e in experts:
+    for i, e in enumerate(experts):
+        where = spec.where("experts", i)
         if e.kind == "lora":
-            raise PlanError(f"expert '{e.name}': LoRA experts cannot be composed yet")
+            raise PlanError(f"{where}: expert '{e.name}': LoRA experts cannot be composed yet")
         cfg = json.loads((e.path / "config.json").read_text())
         for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
             if cfg.get(k) != base_config.get(k):
                 raise PlanError(
-                    f"expert '{e.name}': {k} is {cfg.get(k)!r}, the base has {base_config.get(k)!r}"
+                    f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
+                    f"{base_config.get(k)!r}"
                 )
         if (
             init in ("domain_embedding", "trained")
             and not (e.path / "composer_expert.safetensors").is_file()
         ):
             raise PlanError(
-                f"expert '{e.name}' has no composer_expert.safetensors (router init {init!r} "
-                "needs its domain embedding / router row)"
+                f"{where}: expert '{e.name}' has no composer_expert.safetensors (router init "
+                f"{init!r} needs its domain embedding / router row)"
             )
     flex_rows = method == "compose/flexolmo" and init in ("domain_embedding", "trained")
     if flex_rows and not spec.router.public_calibration:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from composer.inputs import LocalPathResolver, ResolvedInput
-from registry.service import RegistryService
+from composer.inputs import LocalPathResolver, ResolvedInput, ResolveError
+from registry.service import RegistryService, register_hint
 
 
 def looks_like_path(ref: str) -> bool:
@@ -49,3 +49,23 @@ class RegistryResolver:
             domain=doc["domain"],
             base_fingerprint=doc["base_fingerprint"],
         )
+
+
+class NoRegistryResolver(LocalPathResolver):
+    """Checkpoint folders only, for when there is no registry: a reference that is no folder
+    says where the registry was looked for and which commands would make and fill one."""
+
+    def __init__(self, looked_at: str) -> None:
+        super().__init__()
+        self.looked_at = looked_at  # e.g. "no registry at sqlite:///... (COMPOSER_HOME=...)"
+
+    def resolve(self, ref: str, *, role: Literal["base", "expert"]) -> ResolvedInput:
+        try:
+            return super().resolve(ref, role=role)
+        except ResolveError as e:
+            if looks_like_path(ref):
+                raise
+            raise ResolveError(
+                f"{e}, and there is no registry to look it up in: {self.looked_at}; create one "
+                f"with `composer registry init`, then {register_hint(role, ref)}"
+            ) from None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from composer import precision
 from composer.errors import BuildError
 from composer.expert_train import (
     Tokenizer,
@@ -40,8 +41,9 @@ class TuneResult:
     loss_before: float  # mean LM loss on the loss sample (see loss_sample), before and after
     loss_after: float
     sequences: dict[str, torch.Tensor]  # expert -> the proxy token sequences used
+    compute_dtype: torch.dtype = torch.float32  # the forward precision composer.precision chose
 
-    def record(self, proxy: dict[str, list[Path]]) -> dict[str, object]:
+    def record(self, proxy: dict[str, list[Path]], loss_sequences: int) -> dict[str, object]:
         """What composition.json keeps: per expert the files found, the sequences used and the
         sha256 of their tokens (which pins the exact proxy data), and the losses."""
         return {
@@ -53,7 +55,8 @@ class TuneResult:
                 }
                 for name, seqs in self.sequences.items()
             },
-            "loss_sequences_per_expert": LOSS_SEQUENCES,
+            "loss_sequences_per_expert": loss_sequences,
+            "compute_dtype": precision.dtype_name(self.compute_dtype),
             "loss_before": round(self.loss_before, 6),
             "loss_after": round(self.loss_after, 6),
             "first_step_loss": round(self.losses[0], 6),
@@ -78,15 +81,16 @@ def proxy_sequences(
     return out
 
 
-# The before/after loss is measured on each expert's first LOSS_SEQUENCES proxy sequences: two
-# full passes over a large proxy sample would cost as much as the tuning itself.
+# The before/after loss is measured on each expert's first router.tune.loss_sequences proxy
+# sequences (default LOSS_SEQUENCES): two full passes over a large proxy sample would cost as
+# much as the tuning itself.
 LOSS_SEQUENCES = 32
 
 
-def loss_sample(sequences: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sequences the recorded before/after loss is measured on: each expert's first
-    ``LOSS_SEQUENCES``, experts in order."""
-    return torch.cat([s[:LOSS_SEQUENCES] for s in sequences.values()])
+def loss_sample(sequences: dict[str, torch.Tensor], n: int = LOSS_SEQUENCES) -> torch.Tensor:
+    """The sequences the recorded before/after loss is measured on: each expert's first ``n``,
+    experts in order."""
+    return torch.cat([s[:n] for s in sequences.values()])
 
 
 def trainable_routers(model: nn.Module, moe_layers: list[int]) -> list[nn.Parameter]:
@@ -126,15 +130,16 @@ def tune_routers(
     data = torch.cat(list(sequences.values()))
     params = trainable_routers(model, moe_layers)
     model.eval()  # no dropout: the loss is the model's own
-    loss_data = loss_sample(sequences)
-    loss_before = mean_nll(model, loss_data, cfg.batch_size, cfg.bf16)
+    loss_data = loss_sample(sequences, cfg.loss_sequences)
+    compute_dtype = precision.choose(cfg.bf16, model)
+    loss_before = mean_nll(model, loss_data, cfg.batch_size, compute_dtype)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="router tune", disable=not progress, leave=False)
     batches = seeded_batches(data.shape[0], cfg.batch_size, seed)
     for _ in bar:
         batch = data[next(batches)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with precision.autocast(compute_dtype, model):
             out = model(input_ids=batch, labels=batch, use_cache=False)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -148,7 +153,7 @@ def tune_routers(
         for i in moe_layers:
             w = layers[i].mlp.gate.weight
             w.copy_(w.to(round_to).float())
-    loss_after = mean_nll(model, loss_data, cfg.batch_size, cfg.bf16)
+    loss_after = mean_nll(model, loss_data, cfg.batch_size, compute_dtype)
     rows = {i: layers[i].mlp.gate.weight.detach().float().clone() for i in moe_layers}
     bias = {
         i: layers[i].mlp.gate.router_bias.detach().float().clone()
@@ -162,6 +167,7 @@ def tune_routers(
         loss_before=loss_before,
         loss_after=loss_after,
         sequences=sequences,
+        compute_dtype=compute_dtype,
     )
 
 

@@ -14,6 +14,7 @@ from composer.router import gating_logit_normalise, hidden_mean_router, random_r
 
 def _given(plan: Plan, hidden: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     path = plan.spec.resolve_path(plan.spec.router.weights or "")
+    where = plan.spec.where("router", "weights")
     f = SafetensorsFile(path)
     try:
         rows: dict[int, torch.Tensor] = {}
@@ -21,11 +22,11 @@ def _given(plan: Plan, hidden: int) -> tuple[dict[int, torch.Tensor], dict[int, 
         for i in plan.moe_layers:
             k = f"model.layers.{i}.router"
             if k not in f.entries:
-                raise PlanError(f"router.weights: {path} has no tensor {k}")
+                raise PlanError(f"{where}: {path} has no tensor {k}")
             w = f.read(k).float()
             if tuple(w.shape) != (plan.num_experts, hidden):
                 raise PlanError(
-                    f"router.weights: {k} has shape {tuple(w.shape)}, expected "
+                    f"{where}: {k} has shape {tuple(w.shape)}, expected "
                     f"({plan.num_experts}, {hidden})"
                 )
             rows[i] = w

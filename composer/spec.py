@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from composer.precision import Bf16Setting
 from registry.errors import ComposerError
 
 METHODS = ("upcycle", "compose", "merge", "moe_merge")
@@ -80,7 +81,9 @@ class RouterTuneSpec(_Model):
     batch_size: int = Field(default=8, ge=1)
     seq_len: int = Field(default=128, ge=2)
     max_chunks: int = Field(default=32, ge=1)  # per expert, of seq_len tokens
-    bf16: bool = True  # bfloat16 autocast in the forward pass
+    # per expert: the sequences the recorded before/after loss is measured on
+    loss_sequences: int = Field(default=32, ge=1)
+    bf16: Bf16Setting = "auto"  # bf16 autocast; auto: where native (composer.precision)
     tokenizer: Literal["base", "bytes"] = "base"  # bytes: UTF-8 bytes (tiny test models)
 
     @field_validator("proxy", mode="before")
@@ -178,9 +181,14 @@ class Spec(_Model):
     def where(self, *loc: Any) -> str:
         """``file:line: field`` of a spec location, for errors found after parsing."""
         where = str(self._source) if self._source is not None else "<spec>"
-        if self._lines:
-            where += f":{_line_for(tuple(loc), self._lines)}"
+        line = self.line(*loc)
+        if line is not None:
+            where += f":{line}"
         return f"{where}: {_field_name(tuple(loc))}"
+
+    def line(self, *loc: Any) -> int | None:
+        """The line of a spec location (its deepest key that the YAML has), None if unknown."""
+        return _line_for(tuple(loc), self._lines) if self._lines else None
 
     def resolve_path(self, p: str) -> Path:
         """A path of the spec: ``$VARS`` and ``~`` expanded, relative to the spec's folder."""

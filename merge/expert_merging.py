@@ -90,8 +90,12 @@ class _Problem:
         calibration: Sequence[Batches],
         p: ExpertMergingParams,
         expert_names: Sequence[str] | None,
+        compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         n = len(experts)
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise MergeError(f"expert_merging: compute dtype {compute_dtype} is not supported")
+        self.bf16 = compute_dtype == torch.bfloat16
         if n == 0:
             raise MergeError("expert_merging: no experts")
         if len(calibration) != n:
@@ -168,11 +172,15 @@ class _Problem:
 
     def _forward(self, params: Mapping[str, Tensor], ids: Tensor) -> tuple[Tensor, list[Tensor]]:
         grad = any(t.requires_grad for t in params.values())
-        with torch.set_grad_enabled(grad):
+        device = next(iter(params.values())).device.type
+        with (
+            torch.set_grad_enabled(grad),
+            torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
             out = functional_call(
                 self.model, dict(params), (ids,), {"output_hidden_states": True, "use_cache": False}
             )
-        hs = out.hidden_states
+        hs = [h.float() for h in out.hidden_states]  # no-ops in float32
         layers = self.layers if self.layers is not None else [len(hs) // 2]
         for li in layers:
             if not -len(hs) <= li < len(hs):
@@ -180,7 +188,7 @@ class _Problem:
                     f"expert_merging: parameter 'hidden_layers' entry {li} is out of range for "
                     f"{len(hs)} hidden states"
                 )
-        return out.logits, [hs[li] for li in layers]
+        return out.logits.float(), [hs[li] for li in layers]
 
     def coefs(self, s: Tensor) -> Tensor:
         """c from s; s is [N] or [N, K] (chunks)."""
@@ -269,6 +277,7 @@ def expert_merging(
     calibration: Sequence[Batches],
     params: ExpertMergingParams | None = None,
     expert_names: Sequence[str] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> ExpertMergingResult:
     """Learn one coefficient per expert and tensor (stage 1 of the paper).
 
@@ -276,9 +285,11 @@ def expert_merging(
     base config); its own weights are ignored. ``base``/``experts``: state dicts with the
     model's keys. ``calibration[k]``: expert k's unlabeled token-id batches ([batch, seq],
     unpadded, or one such tensor). Expert targets are computed once, before training.
+    ``compute_dtype`` bfloat16 runs the forward passes under bf16 autocast (the caller decides
+    where that is native; coefficients, losses and merged weights stay float32).
     """
     p = params or ExpertMergingParams()
-    prob = _Problem(model, base, experts, calibration, p, expert_names)
+    prob = _Problem(model, base, experts, calibration, p, expert_names, compute_dtype)
     scores = {k: prob.s0.clone() for k in prob.taus}
     with torch.no_grad():
         init = float(prob.alignment(prob.merged(scores), None))
@@ -308,10 +319,12 @@ def expert_merging_plus(
     calibration: Sequence[Batches],
     params: ExpertMergingPlusParams | None = None,
     expert_names: Sequence[str] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> ExpertMergingResult:
-    """Expert Merging++: stage 1, then chunk-wise coefficients for the most important tensors."""
+    """Expert Merging++: stage 1, then chunk-wise coefficients for the most important tensors
+    (``compute_dtype`` as in :func:`expert_merging`)."""
     p = params or ExpertMergingPlusParams()
-    prob = _Problem(model, base, experts, calibration, p, expert_names)
+    prob = _Problem(model, base, experts, calibration, p, expert_names, compute_dtype)
     scores = {k: prob.s0.clone() for k in prob.taus}
     with torch.no_grad():
         init = float(prob.alignment(prob.merged(scores), None))

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from registry.errors import NotInitialisedError
-from registry.settings import database_url
+from registry.settings import database_url, sqlite_path
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "alembic"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -21,9 +21,9 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 def make_engine(url: str | None = None) -> Engine:
     url = url or database_url()
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take the write lock at BEGIN instead
@@ -130,11 +130,16 @@ class Registry:
         self.engine = make_engine(self.url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def display_url(self) -> str:
+        """The database URL with any password hidden, for messages."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     def check_initialised(self) -> None:
         if not inspect(self.engine).has_table("alembic_version"):
             raise NotInitialisedError(
-                f"registry database {self.engine.url.render_as_string(hide_password=True)} "
-                f"is not initialised: run `composer registry init`"
+                f"registry database {self.display_url} is not initialised: run "
+                "`composer registry init`"
             )
 
     @contextmanager

@@ -68,6 +68,11 @@ class RegistryService:
     def close(self) -> None:
         self.registry.close()
 
+    def location(self, note: str = "") -> str:
+        """Where this service looks, for 'not found' messages: database URL and home folder."""
+        extra = f"; {note}" if note else ""
+        return f"the registry at {self.registry.display_url} (COMPOSER_HOME={self.home}{extra})"
+
     # ---- owners and public models -------------------------------------------------------------
 
     def add_owner(self, name: str) -> dict[str, Any]:
@@ -89,8 +94,18 @@ class RegistryService:
         if info.kind != "model":
             raise CheckpointError(f"{path}: a base must be a model checkpoint, not an adapter")
         with self._publishing(info, duplicate=f"base '{name}' already exists") as (s, artifact):
-            if s.scalar(select(PublicModel).where(PublicModel.name == name)):
-                raise RegistryError(f"base '{name}' already exists")
+            existing = s.scalar(select(PublicModel).where(PublicModel.name == name))
+            if existing is not None:
+                sha = existing.artifact.manifest_sha256
+                if sha == info.manifest_sha256:
+                    raise RegistryError(
+                        f"base '{name}' already holds these files (sha256 {sha[:12]}); "
+                        "nothing registered"
+                    )
+                raise RegistryError(
+                    f"base '{name}' already exists with other files (sha256 {sha[:12]}); "
+                    "choose another --name"
+                )
             base = PublicModel(
                 name=name,
                 architecture=info.architecture,
@@ -128,6 +143,7 @@ class RegistryService:
             owner_row, base_row, expert_row = self._expert_context(s, name, owner, base)
             if expert_row is not None:
                 _check_same_expert(expert_row, owner, domain, kind)
+                _refuse_same_files(expert_row, info)
                 if version is not None and _find_version(expert_row, version):
                     raise RegistryError(f"expert '{name}@{version}' already exists")
             check_fits_base(info, kind, base_row.architecture, base_row.config, base_row.tensors)
@@ -142,6 +158,7 @@ class RegistryService:
                 s.add(expert_row)
             else:
                 _check_same_expert(expert_row, owner, domain, kind)
+                _refuse_same_files(expert_row, info)  # a concurrent registration of the same
             if version is None:
                 version = _next_version(expert_row)
             elif _find_version(expert_row, version):
@@ -165,10 +182,13 @@ class RegistryService:
     ) -> tuple[Owner, PublicModel, Expert | None]:
         owner_row = s.scalar(select(Owner).where(Owner.name == owner))
         if owner_row is None:
-            raise RegistryError(f"--owner: unknown owner '{owner}' (add it with add-owner)")
+            raise RegistryError(
+                f"--owner: unknown owner '{owner}' in {self.location()}; add it with "
+                f"`composer registry add-owner {owner}`"
+            )
         base_row = s.scalar(select(PublicModel).where(PublicModel.name == base))
         if base_row is None:
-            raise RegistryError(f"--base: unknown base '{base}' (add it with add-base)")
+            raise RegistryError(f"--base: {self._unknown(s, 'base', base)}")
         expert_row = s.scalar(select(Expert).where(Expert.name == name))
         return owner_row, base_row, expert_row
 
@@ -204,11 +224,18 @@ class RegistryService:
             ]
             return doc
 
+    def _unknown(self, s: Session, role: str, name: str) -> str:
+        """'unknown base/expert NAME in <where>; known: ...; <how to register it>'."""
+        table = PublicModel if role == "base" else Expert
+        known = ", ".join(s.scalars(select(table.name).order_by(table.name))) or "none"
+        where = self.location(f"{role}s there: {known}")
+        return f"unknown {role} '{name}' in {where}; {register_hint(role, name)}"
+
     def _resolve(self, s: Session, ref: str) -> ExpertVersion:
         name, version = parse_ref(ref)
         expert = s.scalar(select(Expert).where(Expert.name == name))
         if expert is None:
-            raise RegistryError(f"unknown expert '{name}'")
+            raise RegistryError(self._unknown(s, "expert", name))
         if version is None:
             if not expert.versions:
                 raise RegistryError(f"expert '{name}' has no versions")
@@ -249,7 +276,7 @@ class RegistryService:
     def _all_versions(self, s: Session, name: str) -> list[ExpertVersion]:
         expert = s.scalar(select(Expert).where(Expert.name == name))
         if expert is None:
-            raise RegistryError(f"unknown expert '{name}'")
+            raise RegistryError(self._unknown(s, "expert", name))
         if not expert.versions:
             raise RegistryError(f"expert '{name}' has no versions")
         return list(expert.versions)
@@ -312,7 +339,7 @@ class RegistryService:
         with self.registry.session() as s:
             base = s.scalar(select(PublicModel).where(PublicModel.name == name))
             if base is None:
-                raise RegistryError(f"unknown base '{name}'")
+                raise RegistryError(self._unknown(s, "base", name))
             return base, self.checkout(base.artifact)
 
     def expert_for_build(self, ref: str) -> tuple[dict[str, Any], Path]:
@@ -463,6 +490,37 @@ class RegistryService:
         )  # fmt: skip
         s.add(artifact)
         return artifact
+
+
+# What `make demo` registers (in .demo/ of the repository), for the hint in "unknown" messages.
+DEMO_NAMES = ("smollm2", "code", "legal", "manuals")
+
+
+def register_hint(role: str, name: str) -> str:
+    """The command that would register ``name`` as a base or an expert."""
+    if role == "base":
+        cmd = f"composer registry add-base PATH --name {name}"
+    else:
+        cmd = f"composer registry add-expert PATH --name {name} --owner O --base B --domain D"
+    hint = f"register it with `{cmd}` (PATH: a Hugging Face checkpoint folder)"
+    if name in DEMO_NAMES:
+        hint += (
+            f", or run `make demo`, which registers '{name}' in the repository's .demo/ "
+            "(then set COMPOSER_HOME=.demo)"
+        )
+    return hint
+
+
+def _refuse_same_files(expert: Expert, info: CheckpointInfo) -> None:
+    """Registering bytes an existing version already holds would make a silent duplicate."""
+    same = next(
+        (v for v in expert.versions if v.artifact.manifest_sha256 == info.manifest_sha256), None
+    )
+    if same is not None:
+        raise RegistryError(
+            f"expert '{same.ref}' already holds these files (sha256 "
+            f"{info.manifest_sha256[:12]}); nothing registered"
+        )
 
 
 def _find_version(expert: Expert, version: str) -> ExpertVersion | None:

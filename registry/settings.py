@@ -20,3 +20,11 @@ def database_url() -> str:
 
 def blob_root() -> Path:
     return composer_home() / "blobs"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,3 +137,47 @@ def cli(tmp_path: Path, db_url: str, registry_templates: RegistryTemplates) -> C
     c = Cli(home=tmp_path / "home", db_url=db_url)
     registry_templates.clone("initialised", c, lambda t: t("registry", "init"))
     return c
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _float32_compute() -> Iterator[None]:
+    """Test numerics must not depend on the CPU they run on: the precision chooser sees no
+    native bf16 (COMPOSER_NATIVE_BF16=0, inherited by subprocesses), from the first
+    session-scoped fixture on; tests of the chooser and of bf16 paths override the probe or
+    set bf16 explicitly."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPOSER_NATIVE_BF16", "0")
+        yield
+
+
+@pytest.fixture
+def pretend(monkeypatch: pytest.MonkeyPatch) -> Callable[[bool], None]:
+    """``pretend(native)``: the precision chooser's probe reports a CPU with (or without) native
+    bf16, whatever this machine has."""
+    from composer import precision
+
+    def set_native(native: bool) -> None:
+        def probe(device: str = "cpu") -> precision.Capability:
+            return precision.Capability(device, native, "pretended")
+
+        monkeypatch.setattr(precision, "probe", probe)
+        precision._logged.clear()
+
+    return set_native
+
+
+@pytest.fixture
+def autocast_seen() -> Iterator[set[Any]]:
+    """The CPU autocast dtype (None: autocast off) every module forward ran under, recorded by a
+    global forward hook: what the drivers actually did, not what they were asked to do."""
+    import torch
+
+    seen: set[Any] = set()
+
+    def hook(module: Any, args: Any, out: Any) -> None:
+        on = torch.is_autocast_enabled("cpu")
+        seen.add(torch.get_autocast_dtype("cpu") if on else None)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    yield seen
+    handle.remove()

@@ -170,3 +170,30 @@ def test_real_command_line(models: Path, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["ok"] is True
     assert not (tmp_path / "out").exists()
+
+
+def test_check_without_a_registry_says_where_it_looked(tmp_path: Path, env: dict[str, str]) -> None:
+    """A fresh machine: no registry in $COMPOSER_HOME. The error names the spec line, where the
+    registry was looked for and the commands that would make the name resolve; --check creates
+    no database file on the way."""
+    spec = write_spec(tmp_path / "specs", "method: upcycle\nbase: smollm2\nnum_experts: 2\n")
+    res = _invoke(spec, "--check")
+    assert res.exit_code == 2 and res.stdout == ""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    home = Path(env["COMPOSER_HOME"])
+    assert lines[0].startswith(f"error: {spec}:2: base: 'smollm2' is not a checkpoint folder")
+    for needle in (
+        f"no registry database at {home / 'registry.db'}",
+        "`composer registry init`",
+        "`composer registry add-base PATH --name smollm2`",
+        "`make demo`",
+    ):
+        assert needle in lines[0], needle
+    assert not (home / "registry.db").exists()
+
+
+def test_check_help_says_what_it_needs() -> None:
+    res = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "300"})
+    text = " ".join(res.stdout.split())
+    assert "reads no weights and writes nothing" in text and "COMPOSER_HOME" in text

@@ -18,6 +18,7 @@ from composer.inputs import LocalPathResolver, ResolvedInput, ResolveError
 from composer.plan import Plan, make_plan
 from composer.spec import load_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
+from registry.errors import ComposerError
 
 FLEX = "method: compose\nstyle: flexolmo\nbase: base\nexperts: [code, legal]\n"
 
@@ -82,7 +83,7 @@ def test_upcycle_plan_layers_and_calibration_step(models: Path, tmp_path: Path) 
         (
             "method: upcycle\nbase: base\nnum_experts: 2\nmoe_layers: [0, 2]\n",
             PlanError,
-            r"moe_layers: layer 2 out of range \(the base has 2\)",
+            r"moe_layers\[1\]: layer 2 out of range \(the base has 2\)",
         ),
         (
             FLEX + "norm_topk_prob: false\n",
@@ -198,3 +199,40 @@ def test_calibration_files_are_checked_before_building(
     flex = FLEX + "router:\n  public_calibration: [cal/nope.txt]\n"
     with pytest.raises(PlanError, match=r"router.public_calibration: .*nope.txt does not exist"):
         _plan(models, tmp_path, flex)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        ("method: upcycle\nbase: base\nnum_experts: 2\nmoe_layers: [0, 9]\n", 4, "moe_layers[1]"),
+        ("method: upcycle\nbase: nowhere\nnum_experts: 2\n", 2, "base"),
+        ("method: compose\nstyle: btx\nbase: base\nexperts:\n  - ft1\n  - olmo\n", 6, "experts[1]"),
+        ("method: compose\nstyle: btx\nbase: base\nexperts: [ft1, nowhere]\n", 4, "experts[1]"),
+        (FLEX + "norm_topk_prob: false\n", 5, "norm_topk_prob"),
+        ("method: compose\nstyle: flexolmo\nbase: base\nexperts:\n  - code\n  - plain\n", 6,
+         "experts[1]"),
+        ("method: compose\nstyle: flexolmo\nbase: olmo\nexperts: [olmo_code]\n"
+         "moe_layers: [0]\nnorm_topk_prob: true\ntop_k: 1\nrouter:\n  tune:\n"
+         "    proxy: {olmo_code: nope/*.txt}\n", 10, "router.tune.proxy.olmo_code"),
+        ("method: upcycle\nbase: base\nnum_experts: 2\nrouter:\n  init: hidden_mean\n"
+         "  calibration:\n    - cal/a.txt\n    - cal/nope.txt\n", 8, "router.calibration[1]"),
+    ],
+)  # fmt: skip
+def test_plan_errors_name_file_line_and_field(
+    models: Path, tmp_path: Path, text: str, line: int, field: str
+) -> None:
+    """Plan-time errors carry ``file:line: field:`` like schema errors (the CLI prints them)."""
+    (tmp_path / "cal").mkdir()
+    (tmp_path / "cal" / "a.txt").write_text("text")
+    spec_path = write_spec(tmp_path, text)
+    with pytest.raises(ComposerError) as exc:
+        make_plan(load_spec(spec_path), LocalPathResolver(models, hash_inputs=False))
+    assert str(exc.value).startswith(f"{spec_path.resolve()}:{line}: {field}: "), str(exc.value)
+
+
+def test_opted_out_input_names_its_line(models: Path, tmp_path: Path) -> None:
+    spec_path = write_spec(tmp_path, FLEX)
+    resolver = ConsentResolver(models, {"legal": ("bob", "opt_out")})
+    with pytest.raises(OptedOutError) as exc:
+        make_plan(load_spec(spec_path), resolver)
+    assert str(exc.value).startswith(f"{spec_path.resolve()}:4: experts[1]: refused: ")

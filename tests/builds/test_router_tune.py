@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,8 +107,8 @@ def test_recorded_losses_are_those_of_the_written_checkpoint(pair, proxy: dict[s
     data = torch.cat(list(seqs.values()))  # 6 per expert: all of them are in the loss sample
     assert torch.equal(loss_sample(seqs), data) and record["loss_sequences_per_expert"] >= 6
     with torch.no_grad():
-        got_before = mean_nll(load_composed(plain.out_dir), data, 4, bf16=False)
-        got_after = mean_nll(load_composed(tuned.out_dir), data, 4, bf16=False)
+        got_before = mean_nll(load_composed(plain.out_dir), data, 4)
+        got_after = mean_nll(load_composed(tuned.out_dir), data, 4)
     assert got_before == pytest.approx(record["loss_before"], abs=1e-5)
     assert got_after == pytest.approx(record["loss_after"], abs=1e-5)
 
@@ -268,7 +270,7 @@ def test_too_little_proxy_text_fails_mid_build_and_leaves_nothing(
         (
             "  tune: {proxy: {code: a.txt}, rate: 1}\n",
             "router.tune.rate: unknown field; expected one of proxy, steps, lr, batch_size, "
-            "seq_len, max_chunks, bf16, tokenizer",
+            "seq_len, max_chunks, loss_sequences, bf16, tokenizer",
         ),
         (
             "  tune: {proxy: {code: a.txt}, tokenizer: gpt2}\n",
@@ -294,5 +296,27 @@ def test_tuning_is_refused_for_merges() -> None:
 def test_tune_defaults_are_the_demo_settings() -> None:
     cfg = RouterTuneSpec(proxy={"code": ["x"]})
     assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.seq_len, cfg.max_chunks, cfg.bf16) == (
-        40, 1e-2, 8, 128, 32, True,
+        40, 1e-2, 8, 128, 32, "auto",
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_tuning_precision_is_chosen_from_the_reported_capability(
+    models: Path,
+    proxy: dict[str, Path],
+    tmp_path: Path,
+    pretend: Callable[[bool], None],
+    autocast_seen: set[Any],
+    native: bool,
+) -> None:
+    """router.tune.bf16 defaults to auto: bf16 autocast only where the device has native bf16;
+    composition.json records what ran."""
+    pretend(native)
+    tune = _tune_block(proxy).replace("    bf16: false\n", "    loss_sequences: 2\n")
+    res = build_text(models, tmp_path / "out", _spec("base", "code, legal", tune))
+    record = json.loads((res.out_dir / "composition.json").read_text())["router_tuning"]
+    assert record["compute_dtype"] == ("bfloat16" if native else "float32")
+    assert record["loss_sequences_per_expert"] == 2
+    assert (torch.bfloat16 if native else None) in autocast_seen
+    if native:
+        assert None not in autocast_seen  # every forward of the tuning ran under autocast

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,3 +68,24 @@ def test_plan_is_readable(models: Path) -> None:
     )  # fmt: skip
     text = str(plan_merge(load_spec(path), LocalPathResolver(models, hash_inputs=False)))
     assert "merge/ties" in text and "density" in text and "code" in text and "steps:" in text
+
+
+@pytest.mark.parametrize(("native", "setting"), [(True, None), (False, None), (False, "true")])
+def test_expert_merging_precision(
+    models: Path,
+    tmp_path: Path,
+    pretend: Callable[[bool], None],
+    autocast_seen: set[Any],
+    native: bool,
+    setting: str | None,
+) -> None:
+    """parameters.bf16 is auto by default (bf16 autocast only where native); true forces it."""
+    pretend(native)
+    bf16 = f", bf16: {setting}" if setting else ""
+    params = PARAMS["expert_merging"].replace("}", bf16 + "}")
+    text = f"method: merge\nbase: base\nexperts: [code, legal]\nparameters: {params}\n"
+    res = build_text(models, tmp_path / "out", text)
+    want = native or setting == "true"
+    man = json.loads((res.out_dir / "composition.json").read_text())
+    assert man["results"]["compute_dtype"] == ("bfloat16" if want else "float32")
+    assert (torch.bfloat16 if want else None) in autocast_seen

@@ -16,6 +16,7 @@ from composer.errors import BuildError, OptedOutError, PlanError
 from composer.inputs import LocalPathResolver, ResolvedInput
 from composer.merging import build_merge, plan_merge
 from composer.spec import SpecError, load_spec
+from registry.errors import ComposerError
 
 HEAD = "method: merge\nbase: base\nexperts: [code, legal]\n"
 
@@ -134,3 +135,33 @@ def test_existing_output_is_refused(models: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(BuildError, match="already exists"):
         build_text(models, tmp_path / "out", HEAD + "parameters: {method: linear}\n")
+
+
+def test_bf16_parameter_is_checked(models: Path) -> None:
+    cal = "calibration: [[cal/code.txt], [cal/legal.txt]]"
+    with pytest.raises(SpecError, match=r"bad.yaml:4: parameters.bf16: expected auto, true or"):
+        _plan(models, HEAD + f"parameters: {{method: expert_merging, bf16: maybe, {cal}}}\n")
+    with pytest.raises(SpecError, match=r"parameters.bf16: only expert_merging and expert_merg"):
+        _plan(models, HEAD + "parameters: {method: linear, bf16: true}\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field"),
+    [
+        (HEAD + "parameters:\n  method: expert_merging\n  calibration:\n    - [cal/code.txt]\n"
+         "    - [cal/code.txt, cal/nope.txt]\n", 8, "parameters.calibration[1][1]"),
+        ("method: merge\nbase: base\nexperts:\n  - code\n  - wide\nparameters: {method: linear}\n",
+         5, "experts[1]"),
+        ("method: merge\nbase: base\nexperts:\n  - code\n  - nowhere\n"
+         "parameters: {method: linear}\n", 5, "experts[1]"),
+        ("method: moe_merge\nbase: base\nparameters: {method: uniform, num_experts: 2}\n", 2,
+         "base"),
+    ],
+)  # fmt: skip
+def test_plan_errors_name_file_line_and_field(
+    models: Path, text: str, line: int, field: str
+) -> None:
+    spec_path = write_spec(models, text, "where.yaml")
+    with pytest.raises(ComposerError) as exc:
+        plan_merge(load_spec(spec_path), LocalPathResolver(models, hash_inputs=False))
+    assert str(exc.value).startswith(f"{spec_path.resolve()}:{line}: {field}: "), str(exc.value)

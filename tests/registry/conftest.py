@@ -20,6 +20,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"base": base}
     out["ffn"] = perturb_ffn(base, root / "ffn", seed=1)
     out["ffn2"] = perturb_ffn(base, root / "ffn2", seed=2)
+    out["ffn3"] = perturb_ffn(base, root / "ffn3", seed=6)
     out["dense"] = make_tiny_llama(root / "dense", seed=3)  # same shapes, every weight differs
     out["wrong_shape"] = make_tiny_llama(root / "wrong_shape", seed=4, intermediate_size=192)
     out["lora"] = _make_lora(root / "lora", rank=4)

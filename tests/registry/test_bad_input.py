@@ -146,3 +146,47 @@ def test_pickle_weights_refused(registered, tmp_path, ckpts):
     shutil.copytree(ckpts["ffn"], d)
     (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
     _expect_refusal(registered, _expert_args(d), "pytorch_model.bin", "pickle")
+
+
+def test_same_files_again_under_the_same_name_are_refused(registered, ckpts):
+    """Registering identical bytes again would be a silent duplicate (code@2 == code@1)."""
+    for over in ({}, {"--version": "9"}):
+        line = _expect_refusal(registered, _expert_args(ckpts["ffn"], "code", **over), "code@1")
+        assert "already holds these files" in line and "nothing registered" in line
+    _expect_refusal(
+        registered,
+        ("registry", "add-base", ckpts["base"], "--name", "tiny"),
+        "base 'tiny' already holds these files",
+    )
+
+
+def test_unknown_refs_say_where_they_looked_and_how_to_register(registered, ckpts):
+    line = _expect_refusal(registered, ("registry", "show", "nosuch"), "unknown expert 'nosuch'")
+    assert f"COMPOSER_HOME={registered.home}" in line and "experts there: code" in line
+    assert "the registry at postgresql" in line or f"the registry at {registered.db_url}" in line
+    assert "`composer registry add-expert PATH --name nosuch --owner" in line
+    line = _expect_refusal(registered, _expert_args(ckpts["ffn2"], "x", **{"--base": "gpt5"}))
+    assert "--base: unknown base 'gpt5'" in line and "bases there: tiny" in line
+    assert "`composer registry add-base PATH --name gpt5`" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "needles"),
+    [
+        (
+            "method: upcycle\nname: up\nbase: smollm2\nnum_experts: 2\n",
+            ":3: base: unknown base 'smollm2' in the registry at ",
+            ("add-base PATH --name smollm2", "make demo", "bases there: tiny"),
+        ),
+        (
+            "method: compose\nstyle: flexolmo\nbase: tiny\nexperts:\n  - code\n  - legal\n",
+            ":6: experts[1]: unknown expert 'legal' in the registry at ",
+            ("add-expert PATH --name legal", "experts there: code"),
+        ),
+    ],
+)
+def test_build_check_of_unregistered_names(registered, tmp_path, text, where, needles):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(text)
+    line = _expect_refusal(registered, ("build", spec, "--check"), f"{spec}{where}", *needles)
+    assert f"COMPOSER_HOME={registered.home}" in line

@@ -59,6 +59,7 @@ def test_versions_auto_and_explicit(registered, ckpts):
     add = ("registry", "add-expert", ckpts["ffn2"], "--name", "code", "--owner", "alice",
            "--base", "tiny", "--domain", "code")  # fmt: skip
     assert _json(cli(*add, "--json"))["ref"] == "code@2"
+    add = (*add[:2], ckpts["ffn3"], *add[3:])  # other files: the same ones again are refused
     assert _json(cli(*add, "--version", "2024-11", "--json"))["ref"] == "code@2024-11"
     assert _json(cli("registry", "show", "code", "--json"))["version"] == "2024-11"
     assert _json(cli("registry", "show", "code@1", "--json"))["version"] == "1"
