@@ -40,6 +40,17 @@ def resolve_model(target: str) -> tuple[Path, str | None]:
     return out, database_url()
 
 
+def serving_dtype() -> str:
+    """vLLM's --dtype when the user gives none: bfloat16 only where the device computes it
+    natively (vLLM's own default on CPU is bfloat16, 27x slower than float32 on AVX2-only CPUs).
+    The choice is logged by composer.precision."""
+    import torch
+
+    from composer.precision import choose, dtype_name
+
+    return dtype_name(choose("auto", "cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @handles_errors
 def serve(
     target: Annotated[
@@ -79,6 +90,9 @@ def serve(
         raise ComposerError("--api-keys on needs a registry (run `composer registry init`)")
     if registry_url is None:
         err_console.print("no registry: serving without data-use policies (all experts allowed)")
+    extra = list(vllm_args or [])
+    if not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
+        extra += ["--dtype", serving_dtype()]
     err_console.print(f"serving {model_path} on http://{host}:{port}/v1")
     run_server(
         model_path,
@@ -89,5 +103,5 @@ def serve(
         served_model_name=served_model_name,
         policy_ttl=policy_ttl,
         policy_max_staleness=policy_max_staleness,
-        extra_args=vllm_args or [],
+        extra_args=extra,
     )

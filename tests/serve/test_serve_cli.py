@@ -94,3 +94,13 @@ def test_cli_refuses_bad_targets_with_one_line_and_exit_2(home: Path, tmp_path: 
     assert proc.returncode == 2 and "composition.json is missing" in proc.stderr
     proc = serve(str(_model(tmp_path / "m2")), "--policy-ttl", "5", "--policy-max-staleness", "5")
     assert proc.returncode == 2 and "must exceed the refresh interval" in proc.stderr
+
+
+def test_serving_dtype_follows_the_device(pretend) -> None:  # type: ignore[no-untyped-def]
+    """vLLM would serve bfloat16 on any CPU; composer serve asks for it only where it is native."""
+    from cli.serve_cmds import serving_dtype
+
+    pretend(False)
+    assert serving_dtype() == "float32"
+    pretend(True)
+    assert serving_dtype() == "bfloat16"
