@@ -1,6 +1,7 @@
 """Same spec, same inputs, another copy of the code: are the builds the same bytes?
 
     .venv/bin/python bench/build_identity.py --reference main~5 [--home .demo] [--only flexmix]
+    .venv/bin/python bench/build_identity.py --reference main~5 --tiny
 
 Builds every example spec (examples/*.yaml, or --only NAMES) twice against one registry: a
 copy of --home (default .demo, as `make demo` leaves it) in which every expert is opted in
@@ -9,6 +10,10 @@ again by its owner (the demo ends with an opt-out); with this checkout and with
 the project. Each build runs in a fresh child process with that copy first on sys.path and
 `--no-record`, so the registry is only read. Prints, per spec, whether every output file has the
 same sha256, and the files that differ. Exit status 1 if any differs.
+
+`--tiny` builds instead against tiny stand-ins for everything the examples name
+(bench/tiny_registry.py, made with this checkout's CLI in about a minute): every example,
+every build method, no `make demo` needed.
 
 What it shows: a refactor left every build byte-identical (docs/ and ARCHITECTURE.md say which
 run; the registry must hold what the examples name: `make demo` registers it).
@@ -77,14 +82,26 @@ def main() -> int:
     p.add_argument("--reference", required=True, help="git revision or folder of the other copy")
     p.add_argument("--home", type=Path, default=REPO / ".demo", help="COMPOSER_HOME to build in")
     p.add_argument("--only", nargs="*", help="example names (file stems) to build")
+    p.add_argument("--tiny", action="store_true", help="tiny stand-in registry (no make demo)")
     args = p.parse_args()
-    specs = sorted((REPO / "examples").glob("*.yaml"))
-    if args.only:
-        specs = [s for s in specs if s.stem in args.only]
     differ = 0
     with tempfile.TemporaryDirectory(prefix="build-identity-") as tmp:
         ref = export(args.reference, Path(tmp))
-        home = opted_in_copy(args.home.resolve(), Path(tmp) / "home")
+        if args.tiny:
+            from tiny_registry import make  # bench/, beside this file
+
+            examples = Path(tmp) / "examples"
+            shutil.copytree(REPO / "examples", examples)
+            home = Path(tmp) / "home"
+            t0 = time.perf_counter()
+            make(home, examples)
+            print(f"tiny registry in {time.perf_counter() - t0:.0f} s", flush=True)
+        else:
+            examples = REPO / "examples"
+            home = opted_in_copy(args.home.resolve(), Path(tmp) / "home")
+        specs = sorted(examples.glob("*.yaml"))
+        if args.only:
+            specs = [s for s in specs if s.stem in args.only]
         for spec in specs:
             # Both copies build the same spec file: the one of this checkout.
             ours, t_ours = build(REPO, spec, Path(tmp) / "ours" / spec.stem, home)
@@ -96,7 +113,8 @@ def main() -> int:
                   f"({t_ours:.0f} s / {t_ref:.0f} s)", flush=True)  # fmt: skip
             for side in ("ours", "ref"):
                 shutil.rmtree(Path(tmp) / side / spec.stem, ignore_errors=True)
-    print(json.dumps({"specs": len(specs), "differ": differ, "reference": args.reference}))
+    summary = {"specs": len(specs), "differ": differ, "reference": args.reference}
+    print(json.dumps({**summary, "tiny": args.tiny}))
     return 1 if differ else 0
 
 

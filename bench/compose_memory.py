@@ -72,7 +72,7 @@ def child(root: Path, out: Path, dtype: str) -> None:
 
     from composer.build import build
     from composer.inputs import LocalPathResolver
-    from composer.spec import parse_spec
+    from composer.spec_load import parse_spec
 
     baseline = _rss()
     spec = parse_spec(

@@ -127,11 +127,10 @@ def heldout_chunks(a: argparse.Namespace, public: Path) -> dict[str, torch.Tenso
 
 
 def build_spec(a: argparse.Namespace, name: str, text: str) -> Path:
-    """Write the spec into work/specs and build it (merges through composer.merging)."""
+    """Write the spec into work/specs and build it."""
     from composer.build import build
     from composer.inputs import LocalPathResolver
-    from composer.merging import build_merge
-    from composer.spec import load_spec
+    from composer.spec_load import load_spec
 
     spec_path = a.work / "specs" / f"{name}.yaml"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +140,7 @@ def build_spec(a: argparse.Namespace, name: str, text: str) -> Path:
     spec = load_spec(spec_path)
     resolver = LocalPathResolver(a.work, hash_inputs=False)
     t0 = time.perf_counter()
-    fn = build_merge if spec.method in ("merge", "moe_merge") else build
-    fn(spec, out, resolver, progress=False)
+    build(spec, out, resolver, progress=False)
     log(f"built {name} in {time.perf_counter() - t0:.1f} s")
     return out
 

@@ -44,18 +44,18 @@ BEGIN, END = "<!-- merge_speed:begin -->", "<!-- merge_speed:end -->"
 CHILD = """
 import json, sys, time
 from composer.inputs import LocalPathResolver
-from composer.merging import build_merge
-from composer.spec import load_spec
+from composer.build import build
+from composer.spec_load import load_spec
 spec = load_spec(sys.argv[1])
 t0 = time.perf_counter()
-build_merge(spec, sys.argv[2], LocalPathResolver(sys.argv[3], hash_inputs=False), progress=False)
+build(spec, sys.argv[2], LocalPathResolver(sys.argv[3], hash_inputs=False), progress=False)
 import composer
 print(json.dumps({"build_s": time.perf_counter() - t0, "code": composer.__file__}))
 """
 BASELINE = {
-    "composer": "import torch, composer.merging",
+    "composer": "import torch, composer.build",
     # M-SMoE runs the model (transformers' Mixtral modules): part of its interpreter.
-    "composer + transformers": "import torch, composer.merging, transformers.models.mixtral."
+    "composer + transformers": "import torch, composer.build, transformers.models.mixtral."
     "modeling_mixtral; from transformers import AutoModelForCausalLM, AutoTokenizer",
     "mergekit": "import torch, mergekit.merge",
 }
@@ -134,7 +134,7 @@ def make_moe(a: argparse.Namespace, base: Path) -> Path:
     """SmolLM2 upcycled to a 4-expert top-2 Mixtral, its experts perturbed so they differ."""
     from composer.build import build
     from composer.inputs import LocalPathResolver
-    from composer.spec import parse_spec
+    from composer.spec_load import parse_spec
     from composer.tiny_models import perturb_weights
 
     dest = a.work / "moe4"

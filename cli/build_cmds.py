@@ -54,7 +54,7 @@ def build(
     """Build a standard Hugging Face checkpoint from a composition spec."""
     from composer.build import build as run_build
     from composer.build import plan_for
-    from composer.spec import load_spec
+    from composer.spec_load import load_spec
 
     spec = load_spec(spec_path)
     resolver, service = _resolver()

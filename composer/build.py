@@ -1,46 +1,47 @@
-"""Execute a plan: verify inputs, compute routers, stream shards into a temporary folder beside
-the output, then rename it into place. Any error or Ctrl-C removes the temporary folder."""
+"""The build lifecycle, once for every method: plan, then execute into a temporary folder beside
+the output, then rename it into place. Any error or Ctrl-C removes the temporary folder.
+
+Methods are dispatched through one table, the way vLLM maps architectures to model classes:
+``spec.method`` -> (planner, executor). Adding a method is adding its package under composer/
+(a planner returning a ``composer.plan.BuildPlan`` and an executor returning a
+``composer.plan.Written``) and one row in ``BUILD_METHODS``.
+"""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from composer.arch import moe_config
-from composer.checkpoint import Checkpoint
+from composer.compose.execute import execute as execute_compose
+from composer.compose.plan import make_plan
+from composer.errors import PlanError
 from composer.inputs import ResolvedInput, Resolver
-from composer.manifest import manifest, write_manifest
-from composer.plan import Plan, make_plan
-from composer.recipe import (
-    ROUTER_FILE,
-    build_recipe,
-    out_dtype,
-    router_bias_key,
-    verify_anchors,
-    verify_shapes,
-)
-from composer.routers import compute_routers
+from composer.manifest import write_manifest
+from composer.merging.execute import execute as execute_merge
+from composer.merging.plan import plan_merge
+from composer.plan import BuildPlan, Written
 from composer.spec import Spec
-from composer.writer import (
-    TOKENIZER_FILES,
-    ShardWriter,
-    atomic_dir,
-    new_output_path,
-    overwrite_tensors,
-    partition,
-    peak_rss,
-    write_small,
-)
+from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
 from registry.composition import COMPOSITION_FILE
 
-ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
-MERGE_METHODS = ("merge", "moe_merge")  # built by composer.merging
+
+@dataclass(frozen=True)
+class BuildMethod:
+    plan: Callable[[Spec, Resolver], Any]  # -> a BuildPlan; reads no weights
+    execute: Callable[[Any, Path, int, bool], Written]  # (plan, tmp, seed, progress)
+
+
+# spec.method -> how it is planned and executed.
+BUILD_METHODS: dict[str, BuildMethod] = {
+    "upcycle": BuildMethod(make_plan, execute_compose),
+    "compose": BuildMethod(make_plan, execute_compose),
+    "merge": BuildMethod(plan_merge, execute_merge),
+    "moe_merge": BuildMethod(plan_merge, execute_merge),
+}
 
 
 @dataclass
@@ -51,22 +52,22 @@ class BuildResult:
     wall_s: float
     peak_rss_bytes: int
     inputs: list[ResolvedInput] = field(default_factory=list)
-    plan: Plan | None = None
+    plan: BuildPlan | None = None
+
+
+def method_of(spec: Spec) -> BuildMethod:
+    try:
+        return BUILD_METHODS[spec.method]
+    except KeyError:  # the spec schema admits only table methods; keep the error readable
+        raise PlanError(
+            f"{spec.where('method')}: no build method {spec.method!r}; known: "
+            + ", ".join(BUILD_METHODS)
+        ) from None
 
 
 def plan_for(spec: Spec, resolver: Resolver) -> Any:
-    """The plan of any spec: a Plan for upcycle/compose, a MergePlan for merge/moe_merge."""
-    if spec.method in MERGE_METHODS:
-        from composer.merging import plan_merge
-
-        return plan_merge(spec, resolver)
-    return make_plan(spec, resolver)
-
-
-def _bar(total: int, desc: str, enabled: bool, unit: str = "tensor") -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled or total == 0, leave=False)
+    """The plan of any spec (what ``composer build --check`` prints)."""
+    return method_of(spec).plan(spec, resolver)
 
 
 def build(
@@ -78,27 +79,19 @@ def build(
     progress: bool = True,
 ) -> BuildResult:
     """Build ``spec`` into ``out_dir`` (which must not exist) atomically."""
-    if spec.method in MERGE_METHODS:
-        from composer.merging import build_merge  # imports this module: import late
-
-        return build_merge(spec, out_dir, resolver, seed=seed, progress=progress)
     t0 = time.perf_counter()
+    method = method_of(spec)
     out = new_output_path(out_dir)
-    plan = make_plan(spec, resolver)
+    plan = method.plan(spec, resolver)
     seed = spec.seed if seed is None else seed
-    opened: list[Checkpoint] = []
-    try:
-        with atomic_dir(out) as tmp:
-            opened.append(Checkpoint(plan.base.path))
-            opened += [Checkpoint(e.path) for e in plan.experts]
-            files = _execute(plan, opened[0], opened[1:], tmp, seed, progress)
-    finally:
-        for ck in opened:
-            ck.close()
+    with atomic_dir(out) as tmp:
+        copy_tokenizer(plan.base.path, tmp)
+        written = method.execute(plan, tmp, seed, progress)
+        write_manifest(tmp / COMPOSITION_FILE, written.manifest)
     return BuildResult(
         out_dir=out,
         spec_sha256=spec.sha256(),
-        files=files,
+        files=written.files,
         wall_s=time.perf_counter() - t0,
         peak_rss_bytes=peak_rss(),
         inputs=[plan.base, *plan.experts],
@@ -106,70 +99,9 @@ def build(
     )
 
 
-def _execute(
-    plan: Plan, base: Checkpoint, experts: list[Checkpoint], tmp: Path, seed: int, progress: bool
-) -> dict[str, str]:
-    named = dict(zip((e.name for e in plan.experts), experts, strict=True))
-    check = verify_anchors if plan.method == "compose/flexolmo" else verify_shapes
-    with _bar(len(named), "verify experts", progress, "expert") as bar:
-        for name, ck in named.items():
-            check(base, {name: ck})
-            bar.update(1)
-    with _bar(len(plan.moe_layers), f"router ({plan.router_init})", progress, "layer") as bar:
-        routers, bias = compute_routers(plan, base, experts, seed)
-        bar.update(len(plan.moe_layers))
-    recipe = build_recipe(plan, base, experts, routers, bias)
-
-    writer = ShardWriter(tmp, partition(recipe.groups, plan.max_shard_bytes))
-    n_tensors = sum(len(g) for g in recipe.groups)
-    with _bar(n_tensors, f"write {plan.arch.architecture}", progress) as bar:
-        for name, tensor in recipe.produce():
-            writer.write(name, tensor)
-            bar.update(1)
-    files = writer.close()
-
-    extras: dict[str, str] = {}
-    if recipe.router_bias:
-        extras[ROUTER_FILE] = _write_router_bias(tmp, recipe.router_bias)
-    config = moe_config(
-        plan.base_config,
-        plan.arch,
-        num_experts=plan.num_experts,
-        top_k=plan.top_k,
-        norm_topk_prob=plan.norm_topk_prob,
-        expert_names=plan.expert_names,
-        dense_layers=plan.dense_layers,
-        dtype=plan.dtype,
-        extra={"composer_router_file": ROUTER_FILE} if recipe.router_bias else None,
-    )
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def copy_tokenizer(base_dir: Path, out: Path) -> None:
+    """The base's tokenizer files, byte for byte (router tuning reads them from the output)."""
     for name in TOKENIZER_FILES:
-        src = plan.base.path / name
+        src = base_dir / name
         if src.is_file():
-            shutil.copyfile(src, tmp / name)
-    tuning = _tune(plan, tmp, seed, progress, files, extras) if plan.spec.router.tune else None
-    write_manifest(tmp / COMPOSITION_FILE, manifest(plan, seed, files, extras, tuning))
-    return {**files, **extras}
-
-
-def _tune(
-    plan: Plan, tmp: Path, seed: int, progress: bool, files: dict[str, str], extras: dict[str, str]
-) -> dict[str, Any]:
-    """router.tune on the checkpoint written in ``tmp``; the tuned rows go back into their shards
-    and the bias file is rewritten (``files`` / ``extras`` get the new hashes)."""
-    from composer.router_tune import tune_checkpoint
-
-    cfg = plan.spec.router.tune
-    assert cfg is not None
-    tuned = tune_checkpoint(tmp, plan.moe_layers, plan.proxy, cfg, seed, progress, out_dtype(plan))
-    rows = {plan.arch.router_key(i): row for i, row in tuned.rows.items()}
-    files.update(overwrite_tensors(tmp, rows))
-    if tuned.bias:
-        extras[ROUTER_FILE] = _write_router_bias(tmp, tuned.bias)
-    return tuned.record(plan.proxy, cfg.loss_sequences)
-
-
-def _write_router_bias(folder: Path, bias: dict[int, torch.Tensor]) -> str:
-    """composer_router.safetensors (layer -> bias [E], float32, in the given layer order)."""
-    tensors = {router_bias_key(i): b.float().contiguous() for i, b in bias.items()}
-    return write_small(folder / ROUTER_FILE, tensors, ROUTER_FILE_META)
+            shutil.copyfile(src, out / name)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from registry.errors import ComposerError
+from registry.errors import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -31,13 +31,11 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# output.dtype of a spec -> torch dtype.
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 INDEX_NAME = "model.safetensors.index.json"
 SKIP_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints store; never weights
-
-
-class CheckpointError(ComposerError):
-    """A checkpoint that cannot be read as expected (missing, truncated or inconsistent)."""
 
 
 class SafetensorsFile:

@@ -261,7 +261,7 @@ def main() -> None:
 def flexmix_spec() -> Any:
     """examples/flexmix.yaml, with the settings' router tuning where they differ from the file
     (COMPOSER_DEMO_FULL=1 or COMPOSER_DEMO_TUNE_* / _PROXY_TOKENS / _SEQ_LEN)."""
-    from composer.spec import load_spec
+    from composer.spec_load import load_spec
 
     spec = load_spec(REPO / "examples" / "flexmix.yaml")
     tune = spec.router.tune
@@ -360,7 +360,7 @@ def _wait_healthy(
 
 
 def build_text(service: Any, text: str, out: Path) -> Path:
-    from composer.spec import parse_spec
+    from composer.spec_load import parse_spec
 
     return _build(service, parse_spec(text), out)
 

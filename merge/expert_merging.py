@@ -36,8 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from merge.dense import check_tensors, combine, task_arithmetic_coefficients, task_vectors
 from merge.errors import MergeError
+from merge.task_vectors import (
+    check_tensors,
+    combine,
+    task_arithmetic_coefficients,
+    task_vectors,
+)
 
 
 class ExpertMergingParams(BaseModel):

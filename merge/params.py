@@ -21,23 +21,25 @@ def _check_density(value: Densities) -> Densities:
 
 
 class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Specs spell the parameters as the aliases (mergekit's names); the field names are the
+    # keywords of the merge functions, which merge.methods calls with ``model_dump()``.
+    model_config = ConfigDict(extra="forbid", validate_by_alias=True, validate_by_name=False)
 
 
 class LinearParams(_Params):
-    weight: Weights = None
+    weights: Weights = Field(None, alias="weight")
     normalize: bool = True
 
 
 class TaskArithmeticParams(_Params):
-    weight: Weights = None
+    weights: Weights = Field(None, alias="weight")
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = False
 
 
 class TiesParams(_Params):
     density: Densities
-    weight: Weights = None
+    weights: Weights = Field(None, alias="weight")
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = True
 
@@ -46,7 +48,7 @@ class TiesParams(_Params):
 
 class DareLinearParams(_Params):
     density: Densities
-    weight: Weights = None
+    weights: Weights = Field(None, alias="weight")
     lambda_: float = Field(1.0, alias="lambda")
     normalize: bool = False
     seed: int = 0

@@ -8,16 +8,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from merge.dense import Rows, TensorRows, check_tensors
 from merge.errors import MergeError
-from merge.registry import DENSE_METHODS
+from merge.methods import method as merge_method
+from merge.rows import Rows, TensorRows
+from merge.task_vectors import check_tensors
 
 
 def parse_params(method: str, params: Mapping[str, Any] | BaseModel | None) -> BaseModel:
     """Validate ``params`` for ``method``; errors name the method and the parameter."""
-    if method not in DENSE_METHODS:
-        raise MergeError(f"unknown merge method {method!r}; known: {sorted(DENSE_METHODS)}")
-    model_cls, _ = DENSE_METHODS[method]
+    model_cls = merge_method(method, "dense").params
     if isinstance(params, model_cls):
         return params
     if isinstance(params, BaseModel):
@@ -75,8 +74,7 @@ def merge_rows(method: str, src: TensorRows, params: Mapping[str, Any] | BaseMod
     p = parse_params(method, params)
     if src.base is None and method != "linear":
         raise MergeError(f"method {method!r} needs a base model")
-    _, fn = DENSE_METHODS[method]
-    return fn(src, p)
+    return merge_method(method, "dense").rows(src, p)
 
 
 def merge_state_dicts(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from registry.checkpoint import EXPERT_EXTRAS_FILE, CheckpointInfo
+from registry.checkpoint import EXPERT_FILE, CheckpointInfo
 from registry.errors import CheckpointError
 
 EXPERT_KINDS = ("ffn", "dense", "lora")
@@ -77,7 +77,7 @@ def _check_extras(expert: CheckpointInfo, base_config: dict[str, Any]) -> None:
     layers = base_config.get("num_hidden_layers")
     for name, t in sorted(expert.extras.items()):
         m = _EXTRA_KEY.match(name)
-        where = f"{expert.path / EXPERT_EXTRAS_FILE}: tensor '{name}'"
+        where = f"{expert.path / EXPERT_FILE}: tensor '{name}'"
         if not m:
             raise CheckpointError(f"{where}: expected model.layers.<i>.<field>")
         if layers is not None and int(m.group(1)) >= int(layers):

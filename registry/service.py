@@ -3,6 +3,10 @@
 Every change runs in one database transaction. Blobs enter the store only after the rows that
 reference them were written, under a file lock, and are removed again if the transaction fails,
 so a failed command leaves neither rows nor orphan blobs.
+
+Longer than 400 lines: RegistryService is the registry's one transaction boundary (each command
+is one method and one transaction, sharing the session, staging and blob-publishing rules
+below); split across modules, those rules would have to be read in several places.
 """
 
 from __future__ import annotations

@@ -1,26 +1,22 @@
-"""Planner: a validated spec plus resolved inputs -> what the build will do, checked up front."""
+"""Plans of the compose family (upcycle, compose/flexolmo, compose/btx): a validated spec plus
+resolved inputs -> what the build will do, checked up front without reading weights."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composer.arch import MIXTRAL, OutputArch, output_arch
-from composer.errors import MethodNotAvailable, OptedOutError, PlanError, located
+from composer.compose.arch import MIXTRAL, OutputArch, output_arch
+from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
+from composer.plan import Step, check_consent, ranges, render, resolve_inputs
 from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
-from registry.errors import ComposerError
+from registry.checkpoint import EXPERT_FILE
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str
-    detail: str
 
 
 @dataclass
@@ -56,17 +52,12 @@ class Plan:
         rows += [(f"expert {i}", n) for i, n in enumerate(self.expert_names)]
         rows += [(f"input {e.name}", _describe(e)) for e in self.experts]
         rows += [
-            ("moe layers", _ranges(self.moe_layers) or "none"),
-            ("dense layers", _ranges(self.dense_layers) or "none"),
+            ("moe layers", ranges(self.moe_layers) or "none"),
+            ("dense layers", ranges(self.dense_layers) or "none"),
             ("router", f"{self.router_init}; renormalise top-k: {self.norm_topk_prob}"),
             ("dtype", self.dtype),
         ]
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        lines.append("steps:")
-        lines += [f"  {i + 1}. {s.name}: {s.detail}" for i, s in enumerate(self.steps)]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return render(rows, self.steps, self.notes)
 
 
 def _describe(r: ResolvedInput) -> str:
@@ -78,16 +69,6 @@ def _describe(r: ResolvedInput) -> str:
     if r.policy:
         parts.append(r.policy)
     return ", ".join(parts)
-
-
-def _ranges(xs: list[int]) -> str:
-    out: list[str] = []
-    for x in xs:
-        if out and out[-1].split("-")[-1] == str(x - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{x}"
-        else:
-            out.append(str(x))
-    return ",".join(out)
 
 
 def resolve_moe_layers(spec: Spec, num_layers: int) -> list[int]:
@@ -104,35 +85,6 @@ def resolve_moe_layers(spec: Spec, num_layers: int) -> list[int]:
             f"{spec.where('moe_layers', j)}: layer {i} out of range (the base has {num_layers})"
         )
     return sorted(set(ml))
-
-
-def resolve_inputs(spec: Spec, resolver: Resolver) -> tuple[ResolvedInput, list[ResolvedInput]]:
-    """The spec's base and experts resolved; an input that cannot be resolved is an error at the
-    spec line that names it (``file:line: base:`` / ``experts[i]:``)."""
-    try:
-        base = resolver.resolve(spec.base, role="base")
-    except ComposerError as e:
-        raise located(e, spec.where("base")) from None
-    experts = []
-    for i, entry in enumerate(spec.experts):
-        try:
-            r = resolver.resolve(entry.ref, role="expert")
-        except ComposerError as e:
-            raise located(e, spec.where("experts", i)) from None
-        experts.append(dataclasses.replace(r, name=entry.name) if entry.name else r)
-    return base, experts
-
-
-def check_consent(spec: Spec, base: ResolvedInput, experts: list[ResolvedInput]) -> None:
-    """Refuse every input whose owner opted out, naming all of them in one error (at the spec
-    line of the first)."""
-    inputs = [(("base",), base), *((("experts", i), e) for i, e in enumerate(experts))]
-    out = [(loc, r) for loc, r in inputs if r.policy == "opt_out"]
-    if out:
-        who = ", ".join(f"'{r.name}' (owner {r.owner or 'unknown'})" for _, r in out)
-        raise OptedOutError(
-            f"{spec.where(*out[0][0])}: refused: the owners of these inputs have opted out: {who}"
-        )
 
 
 def _check_calibration_files(spec: Spec) -> None:
@@ -187,13 +139,28 @@ def _proxy_files(spec: Spec, names: list[str], base_dir: Path) -> dict[str, list
     return out
 
 
+def _upcycle_names(spec: Spec, experts: list[ResolvedInput]) -> list[str]:
+    return spec.expert_names or [f"expert{i}" for i in range(spec.num_experts or 0)]
+
+
+def _flexolmo_names(spec: Spec, experts: list[ResolvedInput]) -> list[str]:
+    return [PUBLIC_EXPERT, *(e.name for e in experts)]
+
+
+def _btx_names(spec: Spec, experts: list[ResolvedInput]) -> list[str]:
+    return [e.name for e in experts]
+
+
+# plan.method -> (the output's expert names in router order, the default router init).
+_OUTPUT_EXPERTS: dict[str, tuple[Callable[[Spec, list[ResolvedInput]], list[str]], str]] = {
+    "upcycle": (_upcycle_names, "random"),
+    "compose/flexolmo": (_flexolmo_names, "domain_embedding"),
+    "compose/btx": (_btx_names, "random"),
+}
+
+
 def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     """Resolve inputs and check everything that can be checked without reading weights."""
-    if spec.method in ("merge", "moe_merge"):
-        raise MethodNotAvailable(
-            f"method '{spec.method}' is planned by composer.merging.plan_merge "
-            "(composer.build.plan_for picks the planner for any method)"
-        )
     base, experts = resolve_inputs(spec, resolver)
     check_consent(spec, base, experts)
 
@@ -206,14 +173,8 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
     moe_layers = resolve_moe_layers(spec, n_layers)
     dense_layers = [i for i in range(n_layers) if i not in moe_layers]
     method = spec.method if spec.method == "upcycle" else f"compose/{spec.style}"
-
-    if spec.method == "upcycle":
-        n = spec.num_experts or 0
-        names = spec.expert_names or [f"expert{i}" for i in range(n)]
-    elif spec.style == "flexolmo":
-        names = [PUBLIC_EXPERT, *(e.name for e in experts)]
-    else:
-        names = [e.name for e in experts]
+    expert_names, default_init = _OUTPUT_EXPERTS[method]
+    names = expert_names(spec, experts)
     if len(set(names)) != len(names):
         raise PlanError(f"{spec.where('experts')}: duplicate expert names {names}")
 
@@ -225,9 +186,6 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
             f"{spec.where('norm_topk_prob')}: false is not expressible in MixtralForCausalLM, "
             "which always renormalises the top-k weights (Llama/Mistral bases become Mixtral)"
         )
-    default_init = {"upcycle": "random", "compose/flexolmo": "domain_embedding"}.get(
-        method, "random"
-    )
     init = spec.router.init or default_init
     _check_calibration_files(spec)
     proxy = _proxy_files(spec, list(names), base.path)
@@ -236,71 +194,12 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
             f"{spec.where('router', 'tune')}: with top_k 1 and renormalised top-k weights every "
             "token's one expert gets weight 1, so the router gets no gradient; use top_k >= 2"
         )
-
-    notes: list[str] = []
-    for i, e in enumerate(experts):
-        where = spec.where("experts", i)
-        if e.kind == "lora":
-            raise PlanError(f"{where}: expert '{e.name}': LoRA experts cannot be composed yet")
-        cfg = json.loads((e.path / "config.json").read_text())
-        for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            if cfg.get(k) != base_config.get(k):
-                raise PlanError(
-                    f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
-                    f"{base_config.get(k)!r}"
-                )
-        if (
-            init in ("domain_embedding", "trained")
-            and not (e.path / "composer_expert.safetensors").is_file()
-        ):
-            raise PlanError(
-                f"{where}: expert '{e.name}' has no composer_expert.safetensors (router init "
-                f"{init!r} needs its domain embedding / router row)"
-            )
-    flex_rows = method == "compose/flexolmo" and init in ("domain_embedding", "trained")
-    if flex_rows and not spec.router.public_calibration:
-        notes.append(
-            "no router.public_calibration: the public expert's router row is zero "
-            "(logit 0 for every token)"
-        )
+    _check_experts(spec, experts, base_config, init)
 
     dtype = spec.output.dtype
     if dtype == "auto":
         dtype = str(base_config.get("dtype") or base_config.get("torch_dtype") or "float32")
-
-    steps = [Step("resolve", f"{1 + len(experts)} inputs, consent checked")]
-    if method == "compose/flexolmo":
-        steps.append(Step("verify", "shared weights of every expert bit-identical to the base"))
-    elif experts:
-        steps.append(Step("verify", "experts share the base's tensor names and shapes"))
-    if init in ("hidden_mean",) or spec.router.gating_logit_norm or spec.router.public_calibration:
-        steps.append(Step("calibrate", "FFN inputs of the base model on calibration text"))
-    steps.append(Step("router", f"init {init!r} for {len(moe_layers)} MoE layers"))
-    steps.append(
-        Step(
-            "write",
-            f"{arch.architecture} shards (<= {spec.output.max_shard_size} each), streamed per "
-            "tensor",
-        )
-    )
-    if spec.router.tune is not None:
-        t = spec.router.tune
-        biases = " and biases" if spec.style == "flexolmo" and spec.router.expert_bias else ""
-        steps.append(
-            Step(
-                "tune",
-                f"router rows{biases} of "
-                f"{len(moe_layers)} MoE layers, {t.steps} steps of {t.batch_size} x {t.seq_len} "
-                f"tokens on proxy text of {', '.join(proxy)} (<= {t.max_chunks} sequences each)",
-            )
-        )
-    steps.append(Step("finish", "config.json, tokenizer files, composition.json, atomic rename"))
-    if dense_layers:
-        notes.append(
-            f"layers {_ranges(dense_layers)} have no experts: every expert there is a copy of "
-            "the dense FFN with a zero router (exactly the dense function)"
-        )
-    return Plan(
+    plan = Plan(
         spec=spec,
         method=method,
         base=base,
@@ -315,7 +214,82 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
         router_init=init,
         dtype=dtype,
         max_shard_bytes=parse_size(spec.output.max_shard_size),
-        steps=steps,
-        notes=notes,
         proxy=proxy,
     )
+    plan.steps = _steps(plan)
+    plan.notes = _notes(plan)
+    return plan
+
+
+def _check_experts(
+    spec: Spec, experts: list[ResolvedInput], base_config: dict[str, Any], init: str
+) -> None:
+    """Every expert fits the base and carries what the router init reads."""
+    for i, e in enumerate(experts):
+        where = spec.where("experts", i)
+        if e.kind == "lora":
+            raise PlanError(f"{where}: expert '{e.name}': LoRA experts cannot be composed yet")
+        cfg = json.loads((e.path / "config.json").read_text())
+        for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if cfg.get(k) != base_config.get(k):
+                raise PlanError(
+                    f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
+                    f"{base_config.get(k)!r}"
+                )
+        if init in ("domain_embedding", "trained") and not (e.path / EXPERT_FILE).is_file():
+            raise PlanError(
+                f"{where}: expert '{e.name}' has no {EXPERT_FILE} (router init "
+                f"{init!r} needs its domain embedding / router row)"
+            )
+
+
+def _steps(plan: Plan) -> list[Step]:
+    spec, init, n_moe = plan.spec, plan.router_init, len(plan.moe_layers)
+    steps = [Step("resolve", f"{1 + len(plan.experts)} inputs, consent checked")]
+    if plan.method == "compose/flexolmo":
+        steps.append(Step("verify", "shared weights of every expert bit-identical to the base"))
+    elif plan.experts:
+        steps.append(Step("verify", "experts share the base's tensor names and shapes"))
+    if init in ("hidden_mean",) or spec.router.gating_logit_norm or spec.router.public_calibration:
+        steps.append(Step("calibrate", "FFN inputs of the base model on calibration text"))
+    steps.append(Step("router", f"init {init!r} for {n_moe} MoE layers"))
+    steps.append(
+        Step(
+            "write",
+            f"{plan.arch.architecture} shards (<= {spec.output.max_shard_size} each), streamed "
+            "per tensor",
+        )
+    )
+    if spec.router.tune is not None:
+        t = spec.router.tune
+        biases = " and biases" if spec.style == "flexolmo" and spec.router.expert_bias else ""
+        steps.append(
+            Step(
+                "tune",
+                f"router rows{biases} of "
+                f"{n_moe} MoE layers, {t.steps} steps of {t.batch_size} x {t.seq_len} "
+                f"tokens on proxy text of {', '.join(plan.proxy)} (<= {t.max_chunks} sequences "
+                "each)",
+            )
+        )
+    steps.append(Step("finish", "config.json, tokenizer files, composition.json, atomic rename"))
+    return steps
+
+
+def _notes(plan: Plan) -> list[str]:
+    notes: list[str] = []
+    flex_rows = plan.method == "compose/flexolmo" and plan.router_init in (
+        "domain_embedding",
+        "trained",
+    )
+    if flex_rows and not plan.spec.router.public_calibration:
+        notes.append(
+            "no router.public_calibration: the public expert's router row is zero "
+            "(logit 0 for every token)"
+        )
+    if plan.dense_layers:
+        notes.append(
+            f"layers {ranges(plan.dense_layers)} have no experts: every expert there is a copy "
+            "of the dense FFN with a zero router (exactly the dense function)"
+        )
+    return notes

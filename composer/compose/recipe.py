@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from composer.arch import PROJS, dense_ffn_key
-from composer.checkpoint import Checkpoint, SafetensorsFile, is_ffn, layer_of
+from composer.checkpoint import TORCH_DTYPES, Checkpoint, SafetensorsFile, is_ffn, layer_of
+from composer.compose.arch import PROJS, dense_ffn_key
+from composer.compose.plan import Plan
 from composer.errors import AnchorMismatchError, PlanError
-from composer.plan import Plan
 from composer.writer import TensorSpec
+from registry.checkpoint import EXPERT_FILE
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXPERT_FILE = "composer_expert.safetensors"
 ROUTER_FILE = "composer_router.safetensors"
+ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
 
 
 def router_bias_key(layer: int) -> str:

@@ -6,9 +6,9 @@ import torch
 
 from composer.calibration import mlp_inputs, read_texts
 from composer.checkpoint import Checkpoint, SafetensorsFile
+from composer.compose.plan import Plan
+from composer.compose.recipe import expert_router_rows
 from composer.errors import PlanError
-from composer.plan import Plan
-from composer.recipe import expert_router_rows
 from composer.router import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
 
 

@@ -18,10 +18,12 @@ from composer.precision import Bf16Setting, parse_bf16
 from composer.spec import SpecError
 from merge.low_rank import LowRankParams
 from merge.m_smoe import MSMoEParams, UniformMergeParams
-from merge.registry import CALIBRATED_METHODS, DENSE_METHODS
+from merge.methods import METHODS, names
 
-MERGE_METHODS = (*DENSE_METHODS, *CALIBRATED_METHODS)
-MOE_MERGE_METHODS = ("m_smoe", "uniform")
+# The merge/ algorithms each build method takes (``parameters.method``).
+DENSE_ALGORITHMS = names("dense", "calibrated")  # method: merge
+MOE_ALGORITHMS = names("moe")  # method: moe_merge
+CALIBRATED_ALGORITHMS = names("calibrated")
 # Build-level keys: the rest of ``parameters`` goes to the method's own parameter model.
 _CALIBRATION_KEYS = ("calibration", "seq_len", "max_calibration_tokens", "batch_size")
 # The precision of Expert Merging's forward passes (composer.precision): auto, true or false.
@@ -51,7 +53,7 @@ class MergeSettings(BaseModel):
 
     @property
     def calibrated(self) -> bool:
-        return self.method in CALIBRATED_METHODS
+        return self.method in CALIBRATED_ALGORITHMS
 
 
 class MoeMergeSettings(BaseModel):
@@ -153,7 +155,7 @@ def _files(spec: Any, entries: Any, loc: tuple[Any, ...]) -> list[Path]:
 
 def parse_merge_parameters(spec: Any) -> MergeSettings:
     """``parameters`` of a ``method: merge`` spec -> MergeSettings (raises SpecError)."""
-    method, raw, build_keys = _split(spec, MERGE_METHODS)
+    method, raw, build_keys = _split(spec, DENSE_ALGORITHMS)
     n = len(spec.experts)
     if "weight" not in raw and any(e.weight != 1.0 for e in spec.experts):
         raw["weight"] = [e.weight for e in spec.experts]  # per-expert weights of the experts list
@@ -161,9 +163,9 @@ def parse_merge_parameters(spec: Any) -> MergeSettings:
         v = raw.get(key)
         if isinstance(v, list) and len(v) != n:
             raise spec_error(spec, (key,), f"has {len(v)} values for {n} experts")
-    params = _validate(spec, _model_of(method), raw)
+    params = _validate(spec, METHODS[method].params, raw)
     calibration = None
-    if method in CALIBRATED_METHODS:
+    if method in CALIBRATED_ALGORITHMS:
         cal = build_keys.get("calibration")
         if not isinstance(cal, list) or len(cal) != n:
             got = len(cal) if isinstance(cal, list) else 0
@@ -183,14 +185,14 @@ def parse_merge_parameters(spec: Any) -> MergeSettings:
 
 
 def _no_bf16(method: str) -> str:
-    return f"only {' and '.join(CALIBRATED_METHODS)} take bf16, not method {method!r}"
+    return f"only {' and '.join(CALIBRATED_ALGORITHMS)} take bf16, not method {method!r}"
 
 
 def _bf16(spec: Any, method: str, build_keys: dict[str, Any]) -> Any:
     """``parameters.bf16`` (auto, true or false) of a calibrated method; others run no model."""
     if _PRECISION_KEY not in build_keys:
         return "auto"
-    if method not in CALIBRATED_METHODS:
+    if method not in CALIBRATED_ALGORITHMS:
         raise spec_error(spec, (_PRECISION_KEY,), _no_bf16(method))
     try:
         return parse_bf16(build_keys[_PRECISION_KEY])
@@ -198,14 +200,9 @@ def _bf16(spec: Any, method: str, build_keys: dict[str, Any]) -> Any:
         raise spec_error(spec, (_PRECISION_KEY,), str(e)) from None
 
 
-def _model_of(method: str) -> type[BaseModel]:
-    table = {**DENSE_METHODS, **CALIBRATED_METHODS}
-    return table[method][0]
-
-
 def parse_moe_merge_parameters(spec: Any) -> MoeMergeSettings:
     """``parameters`` of a ``method: moe_merge`` spec -> MoeMergeSettings (raises SpecError)."""
-    method, raw, build_keys = _split(spec, MOE_MERGE_METHODS)
+    method, raw, build_keys = _split(spec, MOE_ALGORITHMS)
     if _PRECISION_KEY in build_keys:
         raise spec_error(spec, (_PRECISION_KEY,), _no_bf16(method))
     if method == "m_smoe":
@@ -220,13 +217,13 @@ def parse_moe_merge_parameters(spec: Any) -> MoeMergeSettings:
             if "rank" not in low_rank:
                 raise spec_error(spec, ("compress",), "low_rank needs 'rank'")
             raw["compress"] = _validate(spec, LowRankParams, low_rank)
-        params: BaseModel = _validate(spec, MSMoEParams, raw)
+        params: BaseModel = _validate(spec, METHODS[method].params, raw)
         cal = build_keys.get("calibration")
         if cal is None:
             raise spec_error(spec, ("calibration",), "m_smoe needs calibration text files")
         calibration: list[Path] | None = _files(spec, cal, ("calibration",))
     else:
-        params = _validate(spec, UniformMergeParams, raw)
+        params = _validate(spec, METHODS[method].params, raw)
         if "calibration" in build_keys:
             raise spec_error(spec, ("calibration",), "uniform merging uses no calibration data")
         calibration = None

@@ -1,33 +1,21 @@
-"""Builds of ``method: merge`` (one dense model from experts) and ``method: moe_merge`` (an MoE
-with fewer experts): plan, then write atomically like every other build.
-
-Public API (the lead dispatches ``make_plan`` / ``build`` here):
-    plan_merge(spec, resolver) -> MergePlan
-    build_merge(spec, out_dir, resolver, *, seed=None, progress=True) -> BuildResult
-docs/merging.md documents the spec fields.
+"""Plans of ``method: merge`` (one dense model from experts) and ``method: moe_merge`` (an MoE
+with fewer experts): parameters, inputs, consent, architectures, tensor headers and calibration
+files, all checked before any weight is read. docs/merging.md documents the spec fields.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composer.build import BuildResult
-from composer.checkpoint import Checkpoint, CheckpointError
-from composer.errors import BuildError, PlanError, located
+from composer.checkpoint import Checkpoint
+from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
-from composer.manifest import input_record, library_versions
-from composer.merging_exec import (
-    check_expert_tensors,
-    run_calibrated,
-    run_dense,
-    run_moe_merge,
-)
-from composer.merging_params import (
+from composer.merging.params import (
     MergeSettings,
     MoeMergeSettings,
     param_where,
@@ -35,11 +23,9 @@ from composer.merging_params import (
     parse_moe_merge_parameters,
     spec_error,
 )
-from composer.plan import Step, check_consent, resolve_inputs
+from composer.plan import Step, check_consent, render, resolve_inputs
 from composer.spec import Spec, SpecError, parse_size
-from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
-from merge.errors import MergeError
-from registry.composition import COMPOSITION_FILE, COMPOSITION_FORMAT
+from registry.errors import CheckpointError
 
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -75,12 +61,7 @@ class MergePlan:
         if cal:
             n = sum(len(c) for c in cal) if isinstance(cal[0], list) else len(cal)
             rows.append(("calibration", f"{n} file{'s' if n != 1 else ''}"))
-        width = max(len(k) for k, _ in rows)
-        lines = [f"{k:<{width}}  {v}" for k, v in rows]
-        lines.append("steps:")
-        lines += [f"  {i + 1}. {s.name}: {s.detail}" for i, s in enumerate(self.steps)]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return render(rows, self.steps, self.notes)
 
     def _output(self) -> str:
         arch = (self.base_config.get("architectures") or ["?"])[0]
@@ -191,7 +172,7 @@ def _plan_dense(plan: MergePlan) -> None:
                     f"{plan.base_config.get(k)!r}"
                 )
     try:
-        with _opened(plan) as (base, experts):
+        with open_inputs(plan) as (base, experts):
             for i, (e, ck) in enumerate(zip(plan.experts, experts, strict=True)):
                 try:
                     check_expert_tensors(base, [ck], [e.name])
@@ -260,129 +241,34 @@ def _plan_moe(plan: MergePlan) -> None:
     )
 
 
-class _opened:
-    """Open the plan's checkpoints; close them all on exit."""
-
-    def __init__(self, plan: MergePlan) -> None:
-        self.plan = plan
-        self.cks: list[Checkpoint] = []
-
-    def __enter__(self) -> tuple[Checkpoint, list[Checkpoint]]:
-        try:
-            self.cks.append(Checkpoint(self.plan.base.path))
-            self.cks += [Checkpoint(e.path) for e in self.plan.experts]
-        except BaseException:
-            self.__exit__()
-            raise
-        return self.cks[0], self.cks[1:]
-
-    def __exit__(self, *_: object) -> None:
-        for ck in self.cks:
-            ck.close()
-
-
-# ------------------------------------------------------------------------------------ building
+def check_expert_tensors(base: Checkpoint, experts: Sequence[Checkpoint], names: list[str]) -> None:
+    """Every expert has exactly the base's tensors with the same shape and dtype (headers only);
+    PlanError names the expert and the tensor."""
+    ref = set(base.keys())
+    for name, ck in zip(names, experts, strict=True):
+        keys = set(ck.keys())
+        if ref - keys:
+            raise PlanError(f"expert '{name}' lacks tensor {sorted(ref - keys)[0]} of the base")
+        if keys - ref:
+            raise PlanError(f"expert '{name}' has tensor {sorted(keys - ref)[0]} the base lacks")
+        for k in sorted(ref):
+            (bd, bs), (ed, es) = base.meta(k), ck.meta(k)
+            if es != bs:
+                raise PlanError(
+                    f"expert '{name}': tensor {k} has shape {list(es)}, the base has {list(bs)}"
+                )
+            if ed != bd:
+                raise PlanError(f"expert '{name}': tensor {k} has dtype {ed}, the base has {bd}")
 
 
-def build_merge(
-    spec: Spec,
-    out_dir: str | Path,
-    resolver: Resolver,
-    *,
-    seed: int | None = None,
-    progress: bool = True,
-) -> BuildResult:
-    """Build a merge / moe_merge spec into ``out_dir`` (which must not exist), atomically."""
-    t0 = time.perf_counter()
-    out = new_output_path(out_dir)
-    plan = plan_merge(spec, resolver)
-    seed = spec.seed if seed is None else seed
+@contextmanager
+def open_inputs(plan: MergePlan) -> Iterator[tuple[Checkpoint, list[Checkpoint]]]:
+    """The plan's base and experts opened; all closed on exit, also when one fails to open."""
+    cks: list[Checkpoint] = []
     try:
-        with atomic_dir(out) as tmp:
-            with _opened(plan) as (base, experts):
-                files, config, extra = _execute(plan, base, experts, tmp, seed, progress)
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            for name in TOKENIZER_FILES:
-                src = plan.base.path / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / name)
-            man = _manifest(plan, seed, files, extra)
-            (tmp / COMPOSITION_FILE).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
-    except MergeError as exc:
-        raise BuildError(f"{plan.method}: {exc}") from exc
-    return BuildResult(
-        out_dir=out,
-        spec_sha256=spec.sha256(),
-        files=files,
-        wall_s=time.perf_counter() - t0,
-        peak_rss_bytes=peak_rss(),
-        inputs=[plan.base, *plan.experts],
-        plan=plan,  # type: ignore[arg-type]  # a MergePlan: same role as composer.plan.Plan
-    )
-
-
-def _effective_params(plan: MergePlan, seed: int) -> Any:
-    """The method parameters with the build seed, unless the spec set parameters.seed."""
-    p = plan.settings.params
-    if "seed" in type(p).model_fields and "seed" not in (plan.spec.parameters or {}):
-        p = p.model_copy(update={"seed": seed})
-    return p
-
-
-def _execute(
-    plan: MergePlan,
-    base: Checkpoint,
-    experts: list[Checkpoint],
-    tmp: Path,
-    seed: int,
-    progress: bool,
-) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
-    params = _effective_params(plan, seed)
-    s = plan.settings
-    names = [e.name for e in plan.experts]
-    config = dict(plan.base_config)
-    if plan.spec.output.dtype != "auto":
-        config["dtype"] = plan.dtype
-        config.pop("torch_dtype", None)
-    if isinstance(s, MoeMergeSettings):
-        files, config, extra = run_moe_merge(plan, base, s, params, tmp, config, progress)
-        return files, config, extra
-    if s.calibrated:
-        files, extra = run_calibrated(plan, base, experts, names, s, params, tmp, progress)
-    else:
-        files = run_dense(plan, base, experts, names, s.method, params, tmp, progress)
-        extra = {}
-    return files, config, extra
-
-
-# ------------------------------------------------------------------------------------ manifest
-
-
-def _manifest(
-    plan: MergePlan, seed: int, files: dict[str, str], extra: dict[str, Any]
-) -> dict[str, Any]:
-    s = plan.settings
-    params = _effective_params(plan, seed).model_dump(mode="json", by_alias=True)
-    cal = s.calibration
-    return {
-        "format": COMPOSITION_FORMAT,
-        "name": plan.spec.name,
-        "method": plan.method,
-        "architecture": (plan.base_config.get("architectures") or [None])[0],
-        "base": input_record(plan.base),
-        "experts": extra.pop("experts", None)
-        or [{"index": i, **input_record(e)} for i, e in enumerate(plan.experts)],
-        "spec": plan.spec.model_dump(mode="json"),
-        "spec_sha256": plan.spec.sha256(),
-        "parameters": {
-            "method": s.method,
-            **params,
-            "calibration": json.loads(json.dumps(cal, default=str)) if cal else None,
-            **({"calibration_tokens": s.tokens.model_dump()} if cal else {}),
-            "dtype": plan.dtype,
-        },
-        "results": extra,
-        "seed": seed,
-        "versions": library_versions(),
-        "files": dict(sorted(files.items())),
-    }
+        cks.append(Checkpoint(plan.base.path))
+        cks += [Checkpoint(e.path) for e in plan.experts]
+        yield cks[0], cks[1:]
+    finally:
+        for ck in cks:
+            ck.close()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from composer.build import BuildResult, build
 from composer.inputs import LocalPathResolver
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 
 HIDDEN = 128  # composer.tiny_models.TINY_DIMS
 VOCAB = 256

@@ -14,7 +14,7 @@ from build_helpers import config, load_model, logits, token_ids
 
 from composer.build import build
 from composer.inputs import LocalPathResolver, ResolvedInput
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 IDS = token_ids()

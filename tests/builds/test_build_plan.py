@@ -11,12 +11,12 @@ from typing import Literal
 import pytest
 from build_helpers import build_text, write_expert_file, write_spec
 
-from composer.arch import FLEXOLMO, MIXTRAL
 from composer.build import plan_for
+from composer.compose.arch import FLEXOLMO, MIXTRAL
+from composer.compose.plan import Plan, make_plan
 from composer.errors import BuildError, OptedOutError, PlanError
 from composer.inputs import LocalPathResolver, ResolvedInput, ResolveError
-from composer.plan import Plan, make_plan
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from registry.errors import ComposerError
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from build_helpers import write_spec
 
-from composer.spec import SpecError, load_spec, parse_spec
+from composer.spec import SpecError
+from composer.spec_load import load_spec, parse_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

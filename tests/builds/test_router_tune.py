@@ -26,7 +26,8 @@ from composer.expert_train import ByteTokenizer, mean_nll
 from composer.inputs import LocalPathResolver
 from composer.router_bias import load_composed
 from composer.router_tune import LOSS_SEQUENCES, loss_sample, proxy_sequences
-from composer.spec import RouterTuneSpec, SpecError, load_spec, parse_spec
+from composer.spec import RouterTuneSpec, SpecError
+from composer.spec_load import load_spec, parse_spec
 
 TUNE = """\
   tune:

@@ -11,8 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from merge.dense import Density, _check_lambda, _densities, _weights, check_tensors
 from merge.errors import MergeError
+from merge.task_vectors import (
+    Density,
+    check_lambda,
+    check_tensors,
+    densities,
+    expert_weights,
+)
 
 
 def task_vectors(base: Tensor, experts: Sequence[Tensor]) -> Tensor:
@@ -37,8 +43,8 @@ def task_arithmetic_coefficients(
     n: int, weights: Sequence[float] | None, lambda_: float, normalize: bool, name: str = "tensor"
 ) -> Tensor:
     """The float32 coefficients c_i = lambda w_i (/ sum w) of task arithmetic."""
-    w = _weights(weights, n, name)
-    _check_lambda(lambda_, name)
+    w = expert_weights(weights, n, name)
+    check_lambda(lambda_, name)
     if normalize:
         total = sum(w)
         if total == 0:
@@ -58,7 +64,7 @@ def linear(
 ) -> Tensor:
     """Weighted average of the experts (``base`` only fixes the output dtype when given)."""
     check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
+    w = expert_weights(weights, len(experts), name)
     total = sum(w) if normalize else 1.0
     if total == 0:
         raise MergeError(f"tensor {name!r}: parameter 'weight' sums to 0 with normalize")
@@ -125,9 +131,9 @@ def ties(
 ) -> Tensor:
     """TIES-Merging: trim, elect sign, disjoint mean, scale by lambda."""
     check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
-    dens = _densities(density, len(experts), name)
-    _check_lambda(lambda_, name)
+    w = expert_weights(weights, len(experts), name)
+    dens = densities(density, len(experts), name)
+    check_lambda(lambda_, name)
     taus = task_vectors(base, experts)
     trimmed = torch.stack([trim_top_density(t, d) for t, d in zip(taus, dens, strict=True)])
     merged = disjoint_merge(trimmed, w, normalize)
@@ -170,7 +176,7 @@ def dare_linear(
 ) -> Tensor:
     """DARE then task arithmetic. Same seed (or generator state) and name, same result."""
     check_tensors(base, experts, name=name, expert_names=expert_names)
-    dens = _densities(density, len(experts), name)
+    dens = densities(density, len(experts), name)
     coefs = task_arithmetic_coefficients(len(experts), weights, lambda_, normalize, name)
     gen = generator if generator is not None else tensor_generator(seed, name)
     return combine(base.float(), _dare_taus(base, experts, dens, gen), coefs).to(base.dtype)
@@ -191,9 +197,9 @@ def dare_ties(
 ) -> Tensor:
     """DARE then TIES sign election and disjoint merge (no magnitude trim), scaled by lambda."""
     check_tensors(base, experts, name=name, expert_names=expert_names)
-    w = _weights(weights, len(experts), name)
-    dens = _densities(density, len(experts), name)
-    _check_lambda(lambda_, name)
+    w = expert_weights(weights, len(experts), name)
+    dens = densities(density, len(experts), name)
+    check_lambda(lambda_, name)
     gen = generator if generator is not None else tensor_generator(seed, name)
     merged = disjoint_merge(_dare_taus(base, experts, dens, gen), w, normalize)
     return (base.float() + lambda_ * merged).to(base.dtype)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from merge import dense
+from merge import dense, rows
 from merge.state_dict import merge_rows
 from tests.merge import reference_dense as old
 
@@ -74,10 +74,10 @@ def test_blocks_and_whole_equal_the_old_code(case: str, n: int, dtype: torch.dty
         base, experts = _inputs(shape, n, dtype, seed=n * 7 + len(shape))
         params = {"weight": [0.5 + i for i in range(n)], **extra}
         want = reference(base, experts, params)
-        src = dense.TensorRows.of(base, experts, name="w", block_rows=64)
-        rows = merge_rows(method, src, params)
-        blocks = torch.cat([rows(a, b) for a, b in src.blocks()]).reshape(shape)
-        whole = src.whole(merge_rows(method, dense.TensorRows.of(base, experts, name="w"), params))
+        src = rows.TensorRows.of(base, experts, name="w", block_rows=64)
+        merged = merge_rows(method, src, params)
+        blocks = torch.cat([merged(a, b) for a, b in src.blocks()]).reshape(shape)
+        whole = src.whole(merge_rows(method, rows.TensorRows.of(base, experts, name="w"), params))
         assert blocks.dtype == want.dtype == dtype
         assert torch.equal(_bits(blocks), _bits(want)), (case, n, shape)
         assert torch.equal(_bits(whole), _bits(want)), (case, n, shape)
@@ -97,7 +97,7 @@ def test_dare_masks_are_the_old_draws_in_any_blocks() -> None:
     one = torch.Generator().manual_seed(4)
     first, third = torch.rand(10, generator=one) < 0.5, torch.rand(10, generator=one) < 0.2
     gen = torch.Generator().manual_seed(4)
-    masks = dense.DareMasks([0.5, 1.0, 0.2], 10, gen, block=3)
+    masks = rows.DareMasks([0.5, 1.0, 0.2], 10, gen, block=3)
     assert masks.keep(1, 0, torch.Size([4])) is None
     got0 = torch.cat([masks.keep(0, a, torch.Size([min(4, 10 - a)])) for a in (0, 4, 8)])
     got2 = torch.cat([masks.keep(2, a, torch.Size([min(4, 10 - a)])) for a in (0, 4, 8)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge import dense, selection
+from merge import dense, rows, selection
 from merge.errors import MergeError
 from tests.merge.reference_dense import trim_top_density as old_trim
 
@@ -116,8 +116,8 @@ def test_streamed_blocks_equal_the_whole_tensor() -> None:
     g = torch.Generator().manual_seed(5)
     base = torch.round(torch.randn(700, 300, generator=g) * 16) / 16
     expert = base + torch.round(torch.randn(700, 300, generator=g) * 8) / 64
-    src = dense.TensorRows.of(base, [expert], name="w", block_rows=64)
+    src = rows.TensorRows.of(base, [expert], name="w", block_rows=64)
     for density in (0.01, 0.5, 0.9):
-        sel = dense.select_task_vector(src, 0, density)
+        sel = rows.select_task_vector(src, 0, density)
         tau = (expert - base).abs()
         assert torch.equal(sel.keep(tau, 0), old_mask(expert - base, density)), density

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from composer.build import BuildResult
+from composer.build import BuildResult, build
 from composer.inputs import LocalPathResolver
-from composer.merging import build_merge
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 
 
 def write_spec(models: Path, text: str, name: str = "spec.yaml") -> Path:
@@ -23,7 +22,7 @@ def write_spec(models: Path, text: str, name: str = "spec.yaml") -> Path:
 def build_text(models: Path, out: Path, text: str, **kw: object) -> BuildResult:
     """Write ``text`` as a spec beside the models and build it with local paths."""
     spec = load_spec(write_spec(models, text, f"spec-{out.name}.yaml"))
-    return build_merge(spec, out, LocalPathResolver(models), progress=False, **kw)  # type: ignore[arg-type]
+    return build(spec, out, LocalPathResolver(models), progress=False, **kw)  # type: ignore[arg-type]
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

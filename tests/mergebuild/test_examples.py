@@ -9,9 +9,9 @@ from typing import Literal
 
 import pytest
 
+from composer.build import build
 from composer.inputs import LocalPathResolver, ResolvedInput
-from composer.merging import build_merge
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -40,7 +40,7 @@ def test_example_builds(models: Path, tmp_path: Path, path: Path) -> None:
         }
     )
     spec = load_spec(path)
-    res = build_merge(spec, tmp_path / path.stem, resolver, progress=False)
+    res = build(spec, tmp_path / path.stem, resolver, progress=False)
     man = json.loads((res.out_dir / "composition.json").read_text())
     assert man["method"] == f"{spec.method}/{spec.parameters['method']}"  # type: ignore[index]
     assert man["base"]["owner"] == f"{spec.base}-owner"

@@ -59,8 +59,8 @@ def test_plan_is_readable(models: Path) -> None:
     from mergebuild_helpers import write_spec
 
     from composer.inputs import LocalPathResolver
-    from composer.merging import plan_merge
-    from composer.spec import load_spec
+    from composer.merging.plan import plan_merge
+    from composer.spec_load import load_spec
 
     path = write_spec(
         models, "method: merge\nbase: base\nexperts: [code, legal]\n"

@@ -12,10 +12,12 @@ import torch
 from mergebuild_helpers import build_text, write_spec
 from safetensors.torch import load_file, save_file
 
+from composer.build import build
 from composer.errors import BuildError, OptedOutError, PlanError
 from composer.inputs import LocalPathResolver, ResolvedInput
-from composer.merging import build_merge, plan_merge
-from composer.spec import SpecError, load_spec
+from composer.merging.plan import plan_merge
+from composer.spec import SpecError
+from composer.spec_load import load_spec
 from registry.errors import ComposerError
 
 HEAD = "method: merge\nbase: base\nexperts: [code, legal]\n"
@@ -97,7 +99,7 @@ class OptOutResolver:
 def test_opted_out_expert_is_refused(models: Path, tmp_path: Path) -> None:
     spec = load_spec(write_spec(models, HEAD + "parameters: {method: linear}\n", "optout.yaml"))
     with pytest.raises(OptedOutError, match=r"'legal' \(owner acme-law\)"):
-        build_merge(spec, tmp_path / "out", OptOutResolver(models), progress=False)
+        build(spec, tmp_path / "out", OptOutResolver(models), progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from mergebuild_helpers import build_text
 
-from composer import merging_exec
 from composer.checkpoint import Checkpoint
+from composer.merging import calibrated, streaming
 from composer.tiny_models import make_tiny_llama, perturb_weights
 from composer.writer import ShardFiles, ShardWriter, TensorSpec, partition
 from merge import selection
@@ -45,7 +45,7 @@ def _old_files(full: Path, out: Path, method: str, tensor_fn: Any, max_bytes: in
     """What main's run_dense wrote: its layout and ShardWriter, merges on whole tensors."""
     base = Checkpoint(full / "base")
     experts = [Checkpoint(full / f"ft{i}") for i in range(3)]
-    groups = merging_exec._layout(((k, *base.meta(k)) for k in base.tensor_names()), torch.float32)
+    groups = streaming.layout(((k, *base.meta(k)) for k in base.tensor_names()), torch.float32)
     out.mkdir()
     writer = ShardWriter(out, partition(groups, max_bytes))
     for g in groups:
@@ -70,8 +70,8 @@ def test_streamed_build_writes_mains_bytes(
 ) -> None:
     # Small blocks and disk reads for everything over 64 KiB, so the 2 MiB embedding is
     # streamed in 32 blocks, its TIES selection sampled, and both workers busy.
-    monkeypatch.setattr(merging_exec, "BLOCK_ENTRIES", 1 << 16)
-    monkeypatch.setattr(merging_exec, "WHOLE_READ_BYTES", 1 << 16)
+    monkeypatch.setattr(streaming, "BLOCK_ENTRIES", 1 << 16)
+    monkeypatch.setattr(streaming, "WHOLE_READ_BYTES", 1 << 16)
     text = (
         "method: merge\nbase: base\nexperts: [ft0, ft1, ft2]\n"
         f"parameters: {SPECS[method][0]}\noutput: {{max_shard_size: 1MB}}\n"
@@ -124,8 +124,8 @@ def _old_moe_files(models: Path, out: Path, spec_path: Path) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     from composer.inputs import LocalPathResolver
-    from composer.merging import plan_merge
-    from composer.spec import load_spec
+    from composer.merging.plan import plan_merge
+    from composer.spec_load import load_spec
     from merge.m_smoe import m_smoe_state_dict, uniform_merge_state_dict
     from merge.routing_stats import collect_routing_stats
 
@@ -136,12 +136,12 @@ def _old_moe_files(models: Path, out: Path, spec_path: Path) -> dict[str, str]:
     sd = {k: ck.read(k) for k in sorted(ck.keys())}  # noqa: SIM118
     if s.method == "m_smoe":
         vocab = int(plan.base_config["vocab_size"])
-        batches = merging_exec.calibration_batches(ck.path, s.calibration, vocab, s.tokens)
+        batches = calibrated.calibration_batches(ck.path, s.calibration, vocab, s.tokens)
         model = AutoModelForCausalLM.from_pretrained(str(ck.path), dtype=torch.float32).eval()
         new_sd, _ = m_smoe_state_dict(sd, collect_routing_stats(model, batches, top_k), p, top_k)
     else:
         new_sd, _ = uniform_merge_state_dict(sd, p, top_k)
-    groups = merging_exec._layout(
+    groups = streaming.layout(
         ((k, t.dtype, tuple(t.shape)) for k, t in new_sd.items()), torch.float32
     )
     out.mkdir()
@@ -166,8 +166,8 @@ def test_streamed_moe_merge_writes_mains_bytes(
 ) -> None:
     # Layer by layer (statistics from a model holding one decoder layer, blocks merged and
     # written in turn) gives main's bytes; copied tensors go through small blocks.
-    monkeypatch.setattr(merging_exec, "BLOCK_ENTRIES", 1 << 12)
-    monkeypatch.setattr(merging_exec, "WHOLE_READ_BYTES", 1 << 12)
+    monkeypatch.setattr(streaming, "BLOCK_ENTRIES", 1 << 12)
+    monkeypatch.setattr(streaming, "WHOLE_READ_BYTES", 1 << 12)
     text = f"method: moe_merge\nbase: moe8\nparameters: {params}\noutput: {{max_shard_size: 2MB}}\n"
     res = build_text(models, tmp_path / "new", text)
     spec_path = models / "spec-new.yaml"
@@ -180,7 +180,7 @@ def test_layerwise_model_computes_the_loaded_models_logits_one_layer_at_a_time(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from composer.layerwise import layerwise_model
+    from composer.merging.layerwise import layerwise_model
     from merge.routing_stats import collect_routing_stats
 
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))

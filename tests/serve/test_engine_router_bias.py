@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from composer.build import build
 from composer.inputs import LocalPathResolver
 from composer.router_bias import load_composed, read_router_bias
-from composer.spec import parse_spec
+from composer.spec_load import parse_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from tests.serve.server_fixtures import offline_request
 

@@ -3,10 +3,10 @@ COMPOSER_DEMO_FULL=1 for the previous demo, one field at a time from the environ
 
 from __future__ import annotations
 
+from composer.compose.plan import resolve_moe_layers
 from composer.demo import FULL, QUICK, REPO, settings_from_env
 from composer.expert_train import parse_layers
-from composer.plan import resolve_moe_layers
-from composer.spec import load_spec
+from composer.spec_load import load_spec
 
 
 def test_quick_by_default_full_on_request() -> None:

@@ -12,7 +12,8 @@ import torch
 from composer import precision
 from composer.expert_train import perplexity, train_expert
 from composer.precision import choose, cpu_capability, cpu_flags, parse_bf16
-from composer.spec import SpecError, parse_spec
+from composer.spec import SpecError
+from composer.spec_load import parse_spec
 from registry.errors import ComposerError
 
 AVX2_FLAGS = frozenset({"fpu", "sse2", "avx", "fma", "avx2", "bmi2"})  # the CPU
