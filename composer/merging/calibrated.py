@@ -15,7 +15,7 @@ from torch import Tensor
 from composer import precision
 from composer.checkpoint import TORCH_DTYPES, Checkpoint
 from composer.errors import PlanError
-from composer.merging.streaming import layout, write_all
+from composer.merging.streaming import group_tensors, write_all
 from merge.methods import METHODS
 
 if TYPE_CHECKING:
@@ -86,7 +86,9 @@ def run_calibrated(
     del model, expert_sds
     merged = result.state_dict
     out_dtype = TORCH_DTYPES[plan.dtype]
-    groups = layout(((k, base_sd[k].dtype, tuple(base_sd[k].shape)) for k in base_sd), out_dtype)
+    groups = group_tensors(
+        ((k, base_sd[k].dtype, tuple(base_sd[k].shape)) for k in base_sd), out_dtype
+    )
     files = write_all(
         tmp, groups, plan.max_shard_bytes, lambda ts: merged[ts.name], s.method, progress
     )

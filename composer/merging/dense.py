@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from composer.checkpoint import TORCH_DTYPES, Checkpoint
 from composer.heap import trim_heap
 from composer.merging import streaming
-from composer.merging.streaming import RowReader, block_rows, layout
+from composer.merging.streaming import RowReader, block_rows, group_tensors
 from composer.progress import bar
 from composer.writer import ShardFiles, TensorSpec, partition
 from merge.rows import TensorRows
@@ -63,7 +63,7 @@ def run_dense(
     the main thread hashes the files' completed prefixes meanwhile.
     """
     out_dtype = TORCH_DTYPES[plan.dtype]
-    groups = layout(((k, *base.meta(k)) for k in sorted(base.keys())), out_dtype)  # noqa: SIM118
+    groups = group_tensors(((k, *base.meta(k)) for k in sorted(base.keys())), out_dtype)  # noqa: SIM118
     for ck in (base, *experts):
         ck.open_all()
 

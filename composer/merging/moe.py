@@ -16,7 +16,7 @@ from composer.heap import trim_heap
 from composer.merging import streaming
 from composer.merging.calibrated import calibration_batches
 from composer.merging.layerwise import layerwise_model
-from composer.merging.streaming import RowReader, block_rows
+from composer.merging.streaming import RowReader, block_rows, group_tensors
 from composer.progress import bar
 from composer.writer import ShardFiles, TensorSpec, partition
 from merge.errors import MergeError
@@ -107,7 +107,7 @@ def run_moe_merge(
     for p, layout in prefixes.values():
         metas += _merged_block_metas(base, p, layout, n_out)
     out_dtype = TORCH_DTYPES[plan.dtype]
-    layout_groups = layout(metas, out_dtype)
+    layout_groups = group_tensors(metas, out_dtype)
     spec_of = {ts.name: ts for g in layout_groups for ts in g}
     files = ShardFiles(tmp, partition(layout_groups, plan.max_shard_bytes))
     groups: dict[int, list[list[int]]] = {}

@@ -40,7 +40,7 @@ def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int | None = 
     return min(rows, max(align, n - n % align))
 
 
-def layout(
+def group_tensors(
     metas: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], out_dtype: torch.dtype
 ) -> list[list[TensorSpec]]:
     """Tensors grouped by layer (globals first), sorted by name inside a group: a fixed order."""

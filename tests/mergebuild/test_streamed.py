@@ -45,7 +45,9 @@ def _old_files(full: Path, out: Path, method: str, tensor_fn: Any, max_bytes: in
     """What main's run_dense wrote: its layout and ShardWriter, merges on whole tensors."""
     base = Checkpoint(full / "base")
     experts = [Checkpoint(full / f"ft{i}") for i in range(3)]
-    groups = streaming.layout(((k, *base.meta(k)) for k in base.tensor_names()), torch.float32)
+    groups = streaming.group_tensors(
+        ((k, *base.meta(k)) for k in base.tensor_names()), torch.float32
+    )
     out.mkdir()
     writer = ShardWriter(out, partition(groups, max_bytes))
     for g in groups:
@@ -141,7 +143,7 @@ def _old_moe_files(models: Path, out: Path, spec_path: Path) -> dict[str, str]:
         new_sd, _ = m_smoe_state_dict(sd, collect_routing_stats(model, batches, top_k), p, top_k)
     else:
         new_sd, _ = uniform_merge_state_dict(sd, p, top_k)
-    groups = streaming.layout(
+    groups = streaming.group_tensors(
         ((k, t.dtype, tuple(t.shape)) for k, t in new_sd.items()), torch.float32
     )
     out.mkdir()
