@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from composer import precision
-from composer.checkpoint import Checkpoint, layer_of
+from composer.checkpoint import Checkpoint
 from composer.errors import PlanError
 from composer.heap import trim_heap
 from composer.layerwise import layerwise_model
@@ -33,6 +33,7 @@ from merge.moe_layer import Layout, MoELayer, moe_layer_prefixes, moe_layer_tens
 from merge.registry import CALIBRATED_METHODS, MOE_LAYER_METHODS
 from merge.routing_stats import collect_routing_stats
 from merge.state_dict import merge_rows
+from registry.tensor_names import layer_of
 
 if TYPE_CHECKING:
     from composer.merging import MergePlan

@@ -12,6 +12,7 @@ from composer.arch import MIXTRAL, OutputArch, output_arch
 from composer.errors import MethodNotAvailable, OptedOutError, PlanError, located
 from composer.inputs import ResolvedInput, Resolver
 from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
+from registry.checkpoint import EXPERT_FILE
 from registry.errors import ComposerError
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
@@ -249,12 +250,9 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
                     f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
                     f"{base_config.get(k)!r}"
                 )
-        if (
-            init in ("domain_embedding", "trained")
-            and not (e.path / "composer_expert.safetensors").is_file()
-        ):
+        if init in ("domain_embedding", "trained") and not (e.path / EXPERT_FILE).is_file():
             raise PlanError(
-                f"{where}: expert '{e.name}' has no composer_expert.safetensors (router init "
+                f"{where}: expert '{e.name}' has no {EXPERT_FILE} (router init "
                 f"{init!r} needs its domain embedding / router row)"
             )
     flex_rows = method == "compose/flexolmo" and init in ("domain_embedding", "trained")

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 import torch
 
 from composer.arch import PROJS, dense_ffn_key
-from composer.checkpoint import Checkpoint, SafetensorsFile, is_ffn, layer_of
+from composer.checkpoint import Checkpoint, SafetensorsFile
 from composer.errors import AnchorMismatchError, PlanError
 from composer.plan import Plan
 from composer.writer import TensorSpec
+from registry.checkpoint import EXPERT_FILE
+from registry.tensor_names import is_ffn, layer_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXPERT_FILE = "composer_expert.safetensors"
 ROUTER_FILE = "composer_router.safetensors"
 
 

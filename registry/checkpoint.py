@@ -27,7 +27,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 CHUNK = 8 * 1024 * 1024
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
 # Extra tensors an expert carries beside its weights (domain embedding, router row and bias).
-EXPERT_EXTRAS_FILE = "composer_expert.safetensors"
+EXPERT_FILE = "composer_expert.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -127,7 +127,7 @@ def inspect_folder(path: Path) -> CheckpointInfo:
             )
         if p.suffix == ".safetensors":
             file_sha, size, tensors = scan_safetensors(p)
-            target = info.extras if rel == EXPERT_EXTRAS_FILE else info.tensors
+            target = info.extras if rel == EXPERT_FILE else info.tensors
             for name, (dtype, shape, sha) in tensors.items():
                 if name in target:
                     raise CheckpointError(f"{p}: tensor '{name}' also in {target[name].file}")
