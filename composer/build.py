@@ -17,14 +17,7 @@ from composer.checkpoint import Checkpoint
 from composer.inputs import ResolvedInput, Resolver
 from composer.manifest import manifest, write_manifest
 from composer.plan import Plan, make_plan
-from composer.recipe import (
-    ROUTER_FILE,
-    build_recipe,
-    out_dtype,
-    router_bias_key,
-    verify_anchors,
-    verify_shapes,
-)
+from composer.recipe import build_recipe, out_dtype, verify_anchors, verify_shapes
 from composer.routers import compute_routers
 from composer.spec import Spec
 from composer.writer import (
@@ -38,8 +31,13 @@ from composer.writer import (
     write_small,
 )
 from registry.composition import COMPOSITION_FILE
+from router_train.bias_file import (
+    ROUTER_FILE,
+    ROUTER_FILE_CONFIG_KEY,
+    ROUTER_FILE_META,
+    router_bias_key,
+)
 
-ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
 MERGE_METHODS = ("merge", "moe_merge")  # built by composer.merging
 
 
@@ -140,7 +138,7 @@ def _execute(
         expert_names=plan.expert_names,
         dense_layers=plan.dense_layers,
         dtype=plan.dtype,
-        extra={"composer_router_file": ROUTER_FILE} if recipe.router_bias else None,
+        extra={ROUTER_FILE_CONFIG_KEY: ROUTER_FILE} if recipe.router_bias else None,
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in TOKENIZER_FILES:

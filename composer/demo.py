@@ -488,7 +488,7 @@ def generate(model_dir: Path, question: str, max_new_tokens: int = 60) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    from composer.router_bias import load_composed
+    from router_train.biased_router import load_composed
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = load_composed(model_dir, torch.float32)

@@ -234,8 +234,8 @@ def load_token_chunks(
 
 def load_causal_lm(model_dir: str | Path) -> nn.Module:
     """Any HF causal LM checkpoint folder, float32, eval mode (a composed one with its router
-    bias, see composer/router_bias.py)."""
-    from composer.router_bias import load_composed
+    bias, see router_train/biased_router.py)."""
+    from router_train.biased_router import load_composed
 
     return load_composed(model_dir, torch.float32)
 

@@ -20,11 +20,6 @@ from registry.checkpoint import EXPERT_FILE
 from registry.tensor_names import is_ffn, layer_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROUTER_FILE = "composer_router.safetensors"
-
-
-def router_bias_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.router_bias"
 
 
 @dataclass

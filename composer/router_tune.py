@@ -95,7 +95,7 @@ def loss_sample(sequences: dict[str, torch.Tensor], n: int = LOSS_SEQUENCES) -> 
 
 def trainable_routers(model: nn.Module, moe_layers: list[int]) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze each MoE layer's router weight and bias (a buffer that
-    composer.router_bias attached becomes a parameter)."""
+    router_train.biased_router attached becomes a parameter)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params: list[nn.Parameter] = []
@@ -181,7 +181,7 @@ def tune_checkpoint(
     round_to: torch.dtype = torch.float32,
 ) -> TuneResult:
     """Load the checkpoint in ``model_dir`` (float32, router bias applied) and tune its routers."""
-    from composer.router_bias import load_composed
+    from router_train.biased_router import load_composed
 
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_dir, "bytes" if cfg.tokenizer == "bytes" else None)

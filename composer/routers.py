@@ -9,7 +9,7 @@ from composer.checkpoint import Checkpoint, SafetensorsFile
 from composer.errors import PlanError
 from composer.plan import Plan
 from composer.recipe import expert_router_rows
-from composer.router import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
+from router_train.init import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
 
 
 def _given(plan: Plan, hidden: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:

@@ -24,9 +24,9 @@ from composer.build import plan_for
 from composer.errors import BuildError, PlanError
 from composer.expert_train import ByteTokenizer, mean_nll
 from composer.inputs import LocalPathResolver
-from composer.router_bias import load_composed
 from composer.router_tune import LOSS_SEQUENCES, loss_sample, proxy_sequences
 from composer.spec import RouterTuneSpec, SpecError, load_spec, parse_spec
+from router_train.biased_router import load_composed
 
 TUNE = """\
   tune:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from composer.build import build
 from composer.expert_train import TokenChunks, TrainResult, perplexity, train_expert
 from composer.inputs import LocalPathResolver
-from composer.router_bias import read_router_bias
 from composer.spec import parse_spec
+from router_train.bias_file import read_router_bias
 
 STEPS = dict(steps=30, seq_len=32, batch_size=8, lr=1e-3, progress=False)
 
