@@ -155,7 +155,7 @@ def _tune(
 ) -> dict[str, Any]:
     """router.tune on the checkpoint written in ``tmp``; the tuned rows go back into their shards
     and the bias file is rewritten (``files`` / ``extras`` get the new hashes)."""
-    from composer.router_tune import tune_checkpoint
+    from composer.train.router_tune import tune_checkpoint
 
     cfg = plan.spec.router.tune
     assert cfg is not None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from composer.calibration import mlp_inputs, read_texts
+from composer.calibration import mlp_inputs
 from composer.checkpoint import Checkpoint, SafetensorsFile
 from composer.errors import PlanError
 from composer.plan import Plan
 from composer.recipe import expert_router_rows
+from composer.text import read_texts
 from router_train.init import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
 
 

@@ -4,9 +4,9 @@ COMPOSER_DEMO_FULL=1 for the previous demo, one field at a time from the environ
 from __future__ import annotations
 
 from composer.demo import FULL, QUICK, REPO, settings_from_env
-from composer.expert_train import parse_layers
 from composer.plan import resolve_moe_layers
 from composer.spec import load_spec
+from router_train.layers import parse_layers
 
 
 def test_quick_by_default_full_on_request() -> None:
