@@ -73,7 +73,7 @@ def log(msg: str) -> None:
 
 
 def train_experts(a: argparse.Namespace, public: Path) -> dict[str, Path]:
-    from composer.expert_train import train_expert
+    from composer.train.expert import train_expert
 
     out = {}
     for d, paths in DOMAINS.items():
@@ -93,7 +93,7 @@ def train_experts(a: argparse.Namespace, public: Path) -> dict[str, Path]:
 
 def calibration_files(a: argparse.Namespace, max_chars: int = 60_000) -> dict[str, Path]:
     """One text file per domain from *training-side* files (never the held-out ones)."""
-    from composer.expert_train import collect_files, is_heldout, read_document
+    from composer.train.data import collect_files, is_heldout, read_document
 
     out = {}
     (a.work / "cal").mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def calibration_files(a: argparse.Namespace, max_chars: int = 60_000) -> dict[st
 
 
 def heldout_chunks(a: argparse.Namespace, public: Path) -> dict[str, torch.Tensor]:
-    from composer.expert_train import HFTokenizer, load_token_chunks
+    from composer.text import HFTokenizer, load_token_chunks
 
     tok = HFTokenizer(public)
     return {
@@ -165,7 +165,7 @@ def merge_specs(a: argparse.Namespace) -> dict[str, str]:
 
 
 def layers_yaml(a: argparse.Namespace, n_layers: int) -> str:
-    from composer.expert_train import parse_layers
+    from router_train.layers import parse_layers
 
     return json.dumps(parse_layers(a.layers, n_layers))
 
@@ -178,7 +178,7 @@ def train_moe(
     layers stay frozen: their zero-router copies must keep computing the dense FFN."""
     from transformers import AutoModelForCausalLM
 
-    from composer.expert_train import HFTokenizer, load_token_chunks
+    from composer.text import HFTokenizer, load_token_chunks
 
     if (dest / "config.json").is_file():
         return dest
@@ -231,7 +231,7 @@ def train_moe(
 def evaluate(
     models: dict[str, Path], chunks: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, float]]:
-    from composer.expert_train import perplexity
+    from composer.train.evaluate import perplexity
 
     out: dict[str, dict[str, float]] = {}
     for label, path in models.items():
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         "Held-out text: files whose path hash puts them in the 10 % held-out split; the experts "
         "and all calibration text come from the other 90 %.",
         f"Experts: FlexOlmo FFN experts trained {a.steps} steps in layers {a.layers} "
-        "(composer.expert_train); 'expert X' rows are the dense checkpoint with X's FFN in place "
+        "(composer.train.expert); 'expert X' rows are the dense checkpoint with X's FFN in place "
         "of the public one, which is what the dense merges combine.",
         f"Task arithmetic and DARE (linear) scale the summed task vectors by lambda/3 = "
         f"{a.lambda_ / 3:.3f} (the mean task vector times lambda: with lambda 1 task arithmetic "

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from composer.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
 from serve.experts import engine_fields
 from serve.moe_backend import BACKEND_ENV, BACKENDS, moe_backend
-from serve.tiny_moe import DEFAULT_EXPERTS, make_tiny_moe
 
 SECRET = b"bench"
 

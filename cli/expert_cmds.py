@@ -40,8 +40,8 @@ def train(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Train an expert FFN (plus its router row and bias) against a frozen public model."""
-    from composer.expert_train import train_expert
     from composer.precision import parse_bf16
+    from composer.train.expert import train_expert
 
     try:
         precision = parse_bf16(bf16)

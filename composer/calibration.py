@@ -1,7 +1,9 @@
 """Hidden states the router sees (the FFN input of every layer), measured on calibration text.
 
 The dense model is loaded whole with transformers for this pass (it is the only step that does
-so); hooks record each layer's MLP input.
+so); router_train.ffn_inputs hooks record each layer's MLP input, and composer.text tokenises the
+text (no EOS between texts; UTF-8 bytes modulo the vocabulary for checkpoints without a
+tokenizer).
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from composer.text import checkpoint_tokenizer, encode_texts, token_blocks
+from router_train.ffn_inputs import FfnInputHooks
+from router_train.layers import ffn_modules
+
 SEQ_LEN = 256
 
 
@@ -17,20 +23,11 @@ def _token_ids(
     model_dir: Path, texts: list[str], vocab_size: int, max_tokens: int
 ) -> list[list[int]]:
     """Tokenise with the checkpoint's tokenizer; checkpoints without one (tiny test models) use
-    UTF-8 bytes modulo the vocabulary."""
-    has_tok = any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    ids: list[int] = []
-    if has_tok:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        for t in texts:
-            ids.extend(tok(t, add_special_tokens=False)["input_ids"])
-    else:
-        for t in texts:
-            ids.extend(b % vocab_size for b in t.encode())
-    ids = ids[:max_tokens]
-    return [ids[i : i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN) if ids[i : i + SEQ_LEN]]
+    UTF-8 bytes modulo the vocabulary. The first ``max_tokens`` ids in blocks of SEQ_LEN, the
+    last one possibly shorter."""
+    tok = checkpoint_tokenizer(model_dir, vocab_size)
+    ids = encode_texts(texts, tok, eos=False)[:max_tokens]
+    return token_blocks(ids, SEQ_LEN, keep_partial=True)
 
 
 @torch.no_grad()
@@ -43,29 +40,21 @@ def mlp_inputs(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = int(model.config.vocab_size)
     captured: dict[int, list[torch.Tensor]] = {}
-    hooks = []
-    for i in layers:
 
-        def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
-            captured.setdefault(i, []).append(args[0].reshape(-1, args[0].shape[-1]).float())
+    def keep(layer: int, x: torch.Tensor) -> None:
+        captured.setdefault(layer, []).append(x.reshape(-1, x.shape[-1]).float())
 
-        hooks.append(model.model.layers[i].mlp.register_forward_pre_hook(hook))
     out: list[dict[int, torch.Tensor]] = []
     try:
-        for texts in text_sets:
-            captured.clear()
-            seqs = _token_ids(Path(model_dir), texts, vocab, max_tokens)
-            if not seqs:
-                raise ValueError("calibration text is empty")
-            for seq in seqs:
-                model(input_ids=torch.tensor([seq]))
-            out.append({i: torch.cat(captured[i]) for i in layers})
+        with FfnInputHooks(ffn_modules(model, layers), keep):
+            for texts in text_sets:
+                captured.clear()
+                seqs = _token_ids(Path(model_dir), texts, vocab, max_tokens)
+                if not seqs:
+                    raise ValueError("calibration text is empty")
+                for seq in seqs:
+                    model(input_ids=torch.tensor([seq]))
+                out.append({i: torch.cat(captured[i]) for i in layers})
     finally:
-        for h in hooks:
-            h.remove()
         del model
     return out
-
-
-def read_texts(paths: list[Path]) -> list[str]:
-    return [Path(p).read_text(errors="replace") for p in paths]

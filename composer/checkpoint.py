@@ -232,17 +232,3 @@ def _header_keys(path: Path) -> list[str]:
         return f.keys()
     finally:
         f.close()
-
-
-def layer_of(name: str) -> int | None:
-    """Layer index of a tensor name like ``model.layers.3.mlp.up_proj.weight``."""
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
-
-
-def is_ffn(name: str) -> bool:
-    return ".mlp." in name

@@ -189,8 +189,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     from composer import precision
-    from composer.expert_train import train_expert
     from composer.smollm2 import export_smollm2
+    from composer.train.expert import train_expert
 
     compute = precision.dtype_name(precision.choose("auto"))
     console.print(
@@ -225,7 +225,7 @@ def main() -> None:
             )
 
     with stages("3. each owner contributes a small proxy sample of its training text"):
-        from composer.expert_train import HFTokenizer
+        from composer.text import HFTokenizer
 
         tok = HFTokenizer(public)
         for domain, paths in DOMAINS.items():
@@ -393,7 +393,7 @@ def write_proxy_sample(
     held-out file: same split and order as `composer expert train`) into ``dest`` as text, until
     they hold ``tokens`` tokens. Beginnings of many files cover a domain better than a few whole
     files: with two whole files, router tuning learned those two licences, not legal text."""
-    from composer.expert_train import read_document, split_files
+    from composer.train.data import read_document, split_files
 
     train, _ = split_files(paths, heldout_fraction, seed=0)  # the order training read them in
     dest.mkdir(parents=True, exist_ok=True)
@@ -432,7 +432,7 @@ def _single_spec(domain: str) -> str:
 
 
 def _layers_yaml() -> str:
-    from composer.expert_train import parse_layers
+    from router_train.layers import parse_layers
 
     return json.dumps(parse_layers(S.layers, 30))
 
@@ -440,7 +440,8 @@ def _layers_yaml() -> str:
 def perplexity_table(
     public: Path, singles: dict[str, Path], untuned: Path, composed: Path
 ) -> Table:
-    from composer.expert_train import HFTokenizer, load_causal_lm, load_token_chunks, perplexity
+    from composer.text import HFTokenizer, load_token_chunks
+    from composer.train.evaluate import load_causal_lm, perplexity
 
     tok = HFTokenizer(public)
     heldout = {
@@ -488,7 +489,7 @@ def generate(model_dir: Path, question: str, max_new_tokens: int = 60) -> str:
     import torch
     from transformers import AutoTokenizer
 
-    from composer.router_bias import load_composed
+    from router_train.biased_router import load_composed
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = load_composed(model_dir, torch.float32)

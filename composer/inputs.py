@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
+from registry.checkpoint import EXPERT_FILE
 from registry.errors import ComposerError
 from registry.store import file_sha256
 
@@ -89,4 +90,4 @@ class LocalPathResolver:
 
 
 def _has_expert_file(path: Path) -> bool:
-    return (path / "composer_expert.safetensors").is_file()
+    return (path / EXPERT_FILE).is_file()

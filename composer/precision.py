@@ -10,20 +10,22 @@ The capability comes from :func:`probe`: on CPU, the /proc/cpuinfo flags AND tor
 check (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``, which honours ``ONEDNN_MAX_CPU_ISA``);
 on CUDA, ``torch.cuda.is_bf16_supported(including_emulation=False)``. ``COMPOSER_NATIVE_BF16=0``
 (or ``1``) overrides what the device reports, e.g. to measure the float32 path on a machine with
-AMX. merge/ and router_train/ never import this module: they take the chosen dtype as an argument.
+AMX. merge/ and router_train/ never import this module: they take the chosen dtype as an argument
+(router_train.autocast applies it).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator
+
+from router_train.autocast import device_type
 
 if TYPE_CHECKING:
     import torch
@@ -155,25 +157,6 @@ def choose(setting: Bf16Setting | None = "auto", device: Any = "cpu") -> torch.d
     how = "native bf16" if cap.native_bf16 else "bf16 not native"
     _log_once(dev, f"{_name(dtype)} on {dev} (bf16: auto; {how}: {cap.detail})")
     return dtype
-
-
-def autocast(dtype: torch.dtype, device: Any = "cpu") -> AbstractContextManager[Any]:
-    """bfloat16 autocast when ``dtype`` is bfloat16, a no-op context for float32."""
-    import torch
-
-    return torch.autocast(
-        device_type(device), dtype=torch.bfloat16, enabled=dtype == torch.bfloat16
-    )
-
-
-def device_type(device: Any) -> str:
-    """The device type (cpu, cuda) of a name, a torch.device or a module's first parameter."""
-    import torch
-
-    if isinstance(device, torch.nn.Module):
-        p = next(device.parameters(), None)
-        return p.device.type if p is not None else "cpu"
-    return torch.device(device).type
 
 
 def dtype_name(dtype: torch.dtype) -> str:

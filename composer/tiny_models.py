@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from composer.checkpoint import layer_of
+from registry.tensor_names import layer_of
 
 TINY_DIMS: dict[str, Any] = {
     "vocab_size": 256,

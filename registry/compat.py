@@ -7,16 +7,12 @@ from typing import Any
 
 from registry.checkpoint import EXPERT_FILE, CheckpointInfo
 from registry.errors import CheckpointError
+from registry.tensor_names import is_ffn
 
 EXPERT_KINDS = ("ffn", "dense", "lora")
 _PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _EXTRA_KEY = re.compile(r"^model\.layers\.(\d+)\.(domain_embedding|router_row|router_bias|\w+)$")
-
-
-def is_ffn_tensor(name: str) -> bool:
-    """FFN weights are what a FlexOlmo expert trains; everything else is shared."""
-    return ".mlp." in name
 
 
 def check_fits_base(
@@ -64,7 +60,7 @@ def check_fits_base(
     if kind == "ffn":
         # FlexOlmo: every shared weight must be bit-identical to the public model's.
         for name, t in sorted(expert.tensors.items()):
-            if not is_ffn_tensor(name) and t.sha256 != base_tensors[name][2]:
+            if not is_ffn(name) and t.sha256 != base_tensors[name][2]:
                 raise CheckpointError(
                     f"{where / t.file}: tensor '{name}' differs from the base; an ffn expert "
                     f"may only change FFN (mlp) weights (use --kind dense for a full fine-tune)"

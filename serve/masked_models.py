@@ -12,8 +12,8 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.transformers import TransformersMoEForCausalLM
 
-from composer.router_bias import read_router_bias
 from registry.composition import read_slot_bindings
+from router_train.bias_file import read_router_bias
 from serve.masking import install_gate_masks, install_runner_hook
 from serve.moe_backend import BACKEND_ENV, install_composer_moe, moe_backend
 from serve.policy import expert_names

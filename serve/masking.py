@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from composer.checkpoint import layer_of
+from registry.tensor_names import layer_of
 
 MASK_KEY = "composer_allowed_experts"
 MASK_VALUE = -1.0e9

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from composer.checkpoint import layer_of
+from registry.tensor_names import layer_of
 from serve import masking
 from serve.kernels import Variant, fused_experts, route, selected_backend
 

@@ -13,21 +13,19 @@ import torch
 from composer.checkpoint import Checkpoint
 from composer.compose.arch import moe_config
 from composer.compose.plan import PUBLIC_EXPERT, Plan
-from composer.compose.recipe import (
-    ROUTER_FILE,
-    ROUTER_FILE_META,
-    build_recipe,
-    out_dtype,
-    router_bias_key,
-    verify_anchors,
-    verify_shapes,
-)
+from composer.compose.recipe import build_recipe, out_dtype, verify_anchors, verify_shapes
 from composer.compose.routers import compute_routers
 from composer.manifest import input_record, library_versions
 from composer.plan import Written
 from composer.progress import bar
 from composer.writer import ShardWriter, overwrite_tensors, partition, write_small
 from registry.composition import COMPOSITION_FORMAT
+from router_train.bias_file import (
+    ROUTER_FILE,
+    ROUTER_FILE_CONFIG_KEY,
+    ROUTER_FILE_META,
+    router_bias_key,
+)
 
 
 def execute(plan: Plan, tmp: Path, seed: int, progress: bool) -> Written:
@@ -77,7 +75,7 @@ def _write(
         expert_names=plan.expert_names,
         dense_layers=plan.dense_layers,
         dtype=plan.dtype,
-        extra={"composer_router_file": ROUTER_FILE} if recipe.router_bias else None,
+        extra={ROUTER_FILE_CONFIG_KEY: ROUTER_FILE} if recipe.router_bias else None,
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tuning = _tune(plan, tmp, seed, progress, files, extras) if plan.spec.router.tune else None
@@ -89,7 +87,7 @@ def _tune(
 ) -> dict[str, Any]:
     """router.tune on the checkpoint written in ``tmp``; the tuned rows go back into their shards
     and the bias file is rewritten (``files`` / ``extras`` get the new hashes)."""
-    from composer.router_tune import tune_checkpoint  # transformers: import when tuning
+    from composer.train.router_tune import tune_checkpoint  # transformers: import when tuning
 
     cfg = plan.spec.router.tune
     assert cfg is not None

@@ -110,7 +110,7 @@ def _check_calibration_files(spec: Spec) -> None:
 def _proxy_files(spec: Spec, names: list[str], base_dir: Path) -> dict[str, list[Path]]:
     """router.tune.proxy resolved to files; names that are not experts, paths that match no
     file and a base without tokenizer (when the proxy is tokenised with it) are plan errors."""
-    from composer.expert_train import collect_files
+    from composer.train.data import collect_files
 
     tune = spec.router.tune
     if tune is None:

@@ -11,19 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from composer.checkpoint import TORCH_DTYPES, Checkpoint, SafetensorsFile, is_ffn, layer_of
+from composer.checkpoint import TORCH_DTYPES, Checkpoint, SafetensorsFile
 from composer.compose.arch import PROJS, dense_ffn_key
 from composer.compose.plan import Plan
 from composer.errors import AnchorMismatchError, PlanError
 from composer.writer import TensorSpec
 from registry.checkpoint import EXPERT_FILE
-
-ROUTER_FILE = "composer_router.safetensors"
-ROUTER_FILE_META = {"composer_format": "composer-router/1", "applies_to": "router logits (added)"}
-
-
-def router_bias_key(layer: int) -> str:
-    return f"model.layers.{layer}.mlp.router_bias"
+from registry.tensor_names import is_ffn, layer_of
 
 
 @dataclass

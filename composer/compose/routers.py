@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from composer.calibration import mlp_inputs, read_texts
+from composer.calibration import mlp_inputs
 from composer.checkpoint import Checkpoint, SafetensorsFile
 from composer.compose.plan import Plan
 from composer.compose.recipe import expert_router_rows
 from composer.errors import PlanError
-from composer.router import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
+from composer.text import read_texts
+from router_train.init import gating_logit_normalise, hidden_mean_router, random_router, stack_rows
 
 
 def _given(plan: Plan, hidden: int) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:

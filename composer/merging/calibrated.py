@@ -16,6 +16,7 @@ from composer import precision
 from composer.checkpoint import TORCH_DTYPES, Checkpoint
 from composer.errors import PlanError
 from composer.merging.streaming import group_tensors, write_all
+from composer.text import checkpoint_tokenizer, encode_texts, read_texts
 from merge.methods import METHODS
 
 if TYPE_CHECKING:
@@ -28,21 +29,8 @@ def calibration_batches(
 ) -> list[Tensor]:
     """Token-id batches [b, seq_len] from text files: the checkpoint's tokenizer, or UTF-8 bytes
     modulo the vocabulary for checkpoints without one (tiny test models)."""
-    texts = [Path(f).read_text(errors="replace") for f in files]
-    has_tok = any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
-    ids: list[int] = []
-    if has_tok:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        for t in texts:
-            ids.extend(tok(t, add_special_tokens=False)["input_ids"])
-            if tok.eos_token_id is not None:
-                ids.append(int(tok.eos_token_id))
-    else:
-        for t in texts:
-            ids.extend(b % vocab_size for b in t.encode())
-    ids = ids[: tokens.max_calibration_tokens]
+    tok = checkpoint_tokenizer(model_dir, vocab_size)
+    ids = encode_texts(read_texts(files), tok, eos=True)[: tokens.max_calibration_tokens]
     n, L = len(ids) // tokens.seq_len, tokens.seq_len
     if n == 0:
         if len(ids) < 2:

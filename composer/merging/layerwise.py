@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from composer.checkpoint import Checkpoint, layer_of
+from composer.checkpoint import Checkpoint
 from composer.heap import trim_heap
 from merge.moe_layer import moe_layer_prefixes, moe_layer_tensors, read_moe_layer
+from registry.tensor_names import layer_of
 
 
 def layer_state(ck: Checkpoint, i: int) -> dict[str, torch.Tensor]:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from composer.checkpoint import Checkpoint, layer_of
+from composer.checkpoint import Checkpoint
 from composer.progress import bar
 from composer.writer import ShardWriter, TensorSpec, partition
+from registry.tensor_names import layer_of
 
 # Rows of every input a block holds at once, as float32 entries summed over the inputs (8 MiB):
 # a TIES block then holds about 6 stacked task-vector blocks of that size.

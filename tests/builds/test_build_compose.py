@@ -332,7 +332,7 @@ def test_composing_identical_copies_of_the_public_model_is_the_public_model(
     """Experts that are exact copies of the public FFN, behind any router (random rows, the
     negative bias applied): the MoE computes the dense public model. Mixtral renormalises the
     top-k weights (sum 1); FlexOlmo's OLMo-2 default does not, so it is composed with top_k = E."""
-    from composer.router_bias import load_composed
+    from router_train.biased_router import load_composed
 
     copies = []
     for i in (1, 2):

@@ -22,12 +22,14 @@ from safetensors.torch import load_file
 
 from composer.build import plan_for
 from composer.errors import BuildError, PlanError
-from composer.expert_train import ByteTokenizer, mean_nll
 from composer.inputs import LocalPathResolver
-from composer.router_bias import load_composed
-from composer.router_tune import LOSS_SEQUENCES, loss_sample, proxy_sequences
 from composer.spec import RouterTuneSpec, SpecError
 from composer.spec_load import load_spec, parse_spec
+from composer.text import ByteTokenizer
+from composer.train.router_tune import proxy_sequences
+from router_train.biased_router import load_composed
+from router_train.loss import mean_nll
+from router_train.tune import LOSS_SEQUENCES, loss_sample
 
 TUNE = """\
   tune:

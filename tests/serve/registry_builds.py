@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from composer.tiny_models import make_tiny_llama, perturb_ffn
+from composer.tiny_moe import write_tiny_tokenizer
 from registry.service import RegistryService
-from serve.tiny_moe import write_tiny_tokenizer
 from tests.conftest import Cli
 
 # Router order of the build: the public base, alpha@1, beta (renamed b2), secret, withdrawn.

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from serve.tiny_moe import make_tiny_moe, prune_expert
+from composer.tiny_moe import make_tiny_moe, prune_expert
 from tests.serve.server_fixtures import offline_request, tiny_llm, write_composition
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from composer.tiny_moe import make_tiny_moe
 from serve.masking import MASK_KEY
 from serve.moe_backend import BACKEND_ENV, moe_backend_report
-from serve.tiny_moe import make_tiny_moe
 from tests.serve.server_fixtures import offline_request, tiny_llm
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,7 @@
 """A composed FlexOlmo-style model keeps its experts' router bias beside the weights
 (composer_router.safetensors). The vLLM engine with our plugin must route with it, exactly as
-transformers does through composer.router_bias.load_composed; a plain load (no bias) differs."""
+transformers does through router_train.biased_router.load_composed; a plain load (no bias)
+differs."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from safetensors.torch import save_file
 
 from composer.build import build
 from composer.inputs import LocalPathResolver
-from composer.router_bias import load_composed, read_router_bias
 from composer.spec_load import parse_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
+from router_train.bias_file import read_router_bias
+from router_train.biased_router import load_composed
 from tests.serve.server_fixtures import offline_request
 
 pytestmark = pytest.mark.slow

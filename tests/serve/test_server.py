@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from composer.tiny_moe import make_tiny_moe
 from registry.models import Policy
-from serve.tiny_moe import make_tiny_moe
 from tests.serve.server_fixtures import KEYS, Server, make_registry, set_policy, start_server
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer.expert_train import TokenChunks
+from composer.text import TokenChunks
 from composer.tiny_models import make_tiny_llama, make_tiny_olmo2
 
 

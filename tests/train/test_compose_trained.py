@@ -11,10 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from composer.build import build
-from composer.expert_train import TokenChunks, TrainResult, perplexity, train_expert
 from composer.inputs import LocalPathResolver
-from composer.router_bias import read_router_bias
 from composer.spec_load import parse_spec
+from composer.text import TokenChunks
+from composer.train.evaluate import perplexity
+from composer.train.expert import TrainResult, train_expert
+from router_train.bias_file import read_router_bias
 
 STEPS = dict(steps=30, seq_len=32, batch_size=8, lr=1e-3, progress=False)
 

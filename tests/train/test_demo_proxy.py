@@ -6,7 +6,8 @@ import gzip
 from pathlib import Path
 
 from composer.demo import write_proxy_sample
-from composer.expert_train import ByteTokenizer, is_heldout
+from composer.text import ByteTokenizer
+from composer.train.data import is_heldout
 
 
 def test_proxy_sample_takes_file_beginnings_from_the_training_split(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from composer.compose.plan import resolve_moe_layers
 from composer.demo import FULL, QUICK, REPO, settings_from_env
-from composer.expert_train import parse_layers
 from composer.spec_load import load_spec
+from router_train.layers import parse_layers
 
 
 def test_quick_by_default_full_on_request() -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from composer import precision
-from composer.expert_train import perplexity, train_expert
 from composer.precision import choose, cpu_capability, cpu_flags, parse_bf16
 from composer.spec import SpecError
 from composer.spec_load import parse_spec
+from composer.train.evaluate import perplexity
+from composer.train.expert import train_expert
 from registry.errors import ComposerError
 
 AVX2_FLAGS = frozenset({"fpu", "sse2", "avx", "fma", "avx2", "bmi2"})  # the issue's CPU
@@ -143,7 +144,7 @@ def test_expert_train_cli_flag(
     """`composer expert train --bf16` reaches the trainer (auto when not given)."""
     from typer.testing import CliRunner
 
-    import composer.expert_train as et
+    import composer.train.expert as et
     from cli.main import app
 
     got: dict[str, object] = {}

@@ -9,18 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from composer.expert_train import (
-    ByteTokenizer,
-    _path_hash,
-    collect_files,
-    is_heldout,
-    load_token_chunks,
-    parse_layers,
-    read_document,
-    read_expert_extras,
-    save_file,
-    train_expert,
-)
+from composer.text import ByteTokenizer, load_token_chunks
+from composer.train.artifact import read_expert_extras, save_file
+from composer.train.data import collect_files, is_heldout, path_hash, read_document
+from composer.train.expert import train_expert
+from router_train.layers import parse_layers
 
 MAN = """.\\" a comment
 .TH LS 1
@@ -148,7 +141,7 @@ def test_heldout_is_never_empty_when_the_first_heldout_file_is_binary(tmp_path: 
     """No file hashes into the held-out side and the fallback's first pick is binary: the next
     training file is moved instead, so held-out perplexity always has text to score."""
     paths = [tmp_path / f"f{i}.txt" for i in range(6)]
-    first = min(paths, key=_path_hash)
+    first = min(paths, key=path_hash)
     for p in paths:
         p.write_bytes(b"\x00\x01" * 64 if p == first else (f"text {p.name} " * 20).encode())
     data = load_token_chunks(

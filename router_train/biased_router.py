@@ -1,16 +1,12 @@
-"""The FlexOlmo experts' router bias, which the composed checkpoint keeps beside its weights.
+"""Run a composed checkpoint in transformers with its router bias, as its experts were trained.
 
-Mixtral's checkpoint format has no router bias and vLLM refuses unknown tensors, so a build
-writes the biases to `composer_router.safetensors` (named by `composer_router_file` in
-config.json; docs/spec.md). Plain loaders ignore that file: they run the model with un-biased
-routing. This module reads it and applies it, in transformers (`load_composed`) and, through
-serve/masking.py, in the vLLM engine, so both run the model the experts were trained as.
+transformers' Mixtral / FlexOlmo routers have no bias; :func:`attach_router_bias` swaps each MoE
+router's class for a subclass whose forward adds the bias read from the router bias file
+(router_train.bias_file) to the logits. Router tuning and evaluation load models this way.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,28 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-_BIAS_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.router_bias$")
-
-
-def read_router_bias(model_dir: str | Path) -> dict[int, torch.Tensor]:
-    """layer -> float32 bias [num_experts]; empty when the checkpoint has no bias file."""
-    model_dir = Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        return {}
-    name = json.loads(config_path.read_text()).get("composer_router_file")
-    if not name:
-        return {}
-    from safetensors import safe_open
-
-    out: dict[int, torch.Tensor] = {}
-    with safe_open(str(model_dir / name), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            match = _BIAS_KEY.match(key)
-            if match is None:
-                raise ValueError(f"{model_dir / name}: unexpected tensor {key!r}")
-            out[int(match.group(1))] = f.get_tensor(key).to(torch.float32)
-    return out
+from router_train.bias_file import read_router_bias
 
 
 def _biased_forward(self: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:

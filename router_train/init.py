@@ -1,5 +1,8 @@
 """Router initialisation: pure tensor functions (torch only).
 
+The maths of every `router.init` a build can ask for; composer/routers.py gathers the inputs
+(calibration hidden states, expert rows) and calls these.
+
 A router for one MoE layer is a weight matrix [num_experts, hidden]; logits are ``x @ W.T``.
 """
 
