@@ -48,7 +48,8 @@ def composer(home: Path, *args: str) -> None:
 def make(home: Path, examples: Path) -> None:
     """Register the tiny stand-ins in ``home``; ``examples`` is the copy the specs are read from."""
     sys.path.insert(0, str(REPO))
-    from composer.tiny_models import make_tiny_llama, perturb_weights, write_tiny_tokenizer
+    from composer.tiny_models import make_tiny_llama, perturb_weights
+    from composer.tiny_moe import write_tiny_tokenizer
 
     work = home / "tiny-sources"
     base = make_tiny_llama(work / "smollm2", seed=0)

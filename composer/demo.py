@@ -18,19 +18,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import sysconfig
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from composer.demo_serve import serve_and_ask
+from composer.demo_timing import Stages, machine
 
 REPO = Path(__file__).resolve().parent.parent
 console = Console()
@@ -112,79 +110,8 @@ def fresh_registry() -> Any:
     return RegistryService()
 
 
-class Stages:
-    """Wall and CPU time of each demo stage (the CPU time includes finished child processes:
-    vLLM), printed as it ends and summarised with the machine and its load at the end."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-        self.t0 = time.perf_counter()
-        self.load_start = os.getloadavg()
-
-    @contextmanager
-    def __call__(self, title: str, rule: bool = True) -> Iterator[None]:
-        if rule:
-            step(title)
-        t, c = time.perf_counter(), _cpu_s()
-        yield
-        row = {"stage": title, "wall_s": time.perf_counter() - t, "cpu_s": _cpu_s() - c}
-        self.rows.append(row)
-        console.print(
-            f"[dim]{title}: {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} s CPU "
-            f"(load average {os.getloadavg()[0]:.1f})[/dim]"
-        )
-
-    def summary(self, compute: str) -> Table:
-        total = time.perf_counter() - self.t0
-        table = Table(title=f"demo stages ({machine()}; {compute})")
-        for col in ("stage", "wall s", "CPU s"):
-            table.add_column(col, justify="left" if col == "stage" else "right")
-        for r in self.rows:
-            table.add_row(r["stage"], f"{r['wall_s']:.0f}", f"{r['cpu_s']:.0f}")
-        table.add_row("total", f"{total:.0f}", f"{_cpu_s():.0f}")
-        doc = {
-            "machine": machine(),
-            "compute": compute,
-            "settings": S.__dict__,
-            "stages": self.rows,
-            "total_wall_s": total,
-            "total_cpu_s": _cpu_s(),
-            "load_average_start": self.load_start,
-            "load_average_end": os.getloadavg(),
-        }
-        (HOME / "timings.json").write_text(json.dumps(doc, indent=2))
-        return table
-
-
-def _cpu_s() -> float:
-    import resource
-
-    usage = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
-    return sum(u.ru_utime + u.ru_stime for u in usage)
-
-
-def machine() -> str:
-    """CPU model, core count and torch's reported capability, for the timing record."""
-    import torch
-
-    from composer.precision import cpu_flags
-
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags() or frozenset()
-    bf16 = ",".join(sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)) or "no bf16 flags"
-    isa = torch.backends.cpu.get_cpu_capability()
-    return f"{model}, {os.cpu_count()} cores, torch {isa}, {bf16}"
-
-
 def main() -> None:
-    stages = Stages()
+    stages = Stages(HOME / "timings.json", S.__dict__)
     import torch
 
     torch.manual_seed(0)
@@ -249,7 +176,7 @@ def main() -> None:
     if SERVE:
         title = "6. composer serve flexmix: each request toggles experts; opted-out are off"
         with stages(title):
-            serve_and_ask(service, compute)
+            serve_and_ask(service, compute, HOME / "serve.log", QUESTION)
     else:
         with stages("6. the composed model answers (transformers)"):
             console.print(f"[bold]Q:[/bold] {QUESTION}")
@@ -277,86 +204,6 @@ def flexmix_spec() -> Any:
     console.print(f"  router.tune overridden by the demo settings: {want}")
     router = spec.router.model_copy(update={"tune": tune.model_copy(update=want)})
     return spec.model_copy(update={"router": router})
-
-
-def serve_and_ask(service: Any, dtype: str) -> None:
-    """Start `composer serve flexmix` (vLLM on CPU), ask with all experts and without 'code',
-    then let the code owner opt out and show that the server stops using the expert."""
-    import httpx
-
-    port = _free_port()
-    log = HOME / "serve.log"
-    cmd = [
-        str(Path(sys.executable).parent / "composer"), "serve", "flexmix", "--port", str(port),
-        "--served-model-name", "flexmix", "--",
-        "--dtype", dtype, "--max-model-len", "1024",
-        "--kv-cache-memory-bytes", str(256 << 20), "--seed", "0",
-    ]  # fmt: skip
-    console.print("$ composer serve flexmix --port " + str(port) + f"   (log: {log})")
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, base, log)
-        with httpx.Client(base_url=base, timeout=300) as client:
-            _ask(client, "all experts", None)
-            _ask(client, "code excluded", {"exclude": ["code"]})
-            service.set_policy("code", owner="code-owner", policy="opt_out")
-            console.print("[bold]code-owner opts out of 'code'[/bold] (composer registry opt-out)")
-            time.sleep(2.5)  # the server re-reads policies every 2 s
-            _ask(client, "all experts, after the opt-out", None)
-            _ask(client, "asking for 'code' explicitly", {"include": ["code"]})
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _ask(client: Any, label: str, experts: dict[str, list[str]] | None) -> None:
-    body: dict[str, Any] = {
-        "model": "flexmix",
-        "messages": [{"role": "user", "content": QUESTION}],
-        "max_tokens": 80,
-        "temperature": 0,
-    }
-    if experts is not None:
-        body["experts"] = experts
-    r = client.post("/v1/chat/completions", json=body)
-    console.print(f"[bold]{label}[/bold] {json.dumps(experts) if experts else ''}")
-    if r.status_code != 200:
-        console.print(f"  HTTP {r.status_code}: {r.json().get('error', r.text)}")
-        return
-    used = r.headers.get("x-composer-experts")
-    answer = r.json()["choices"][0]["message"]["content"].strip()
-    console.print(f"  experts used: {used}")
-    console.print("  " + answer.replace("\n", "\n  "))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_healthy(
-    proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float = 600.0
-) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    with console.status("starting vLLM (CPU)..."):
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-    raise RuntimeError(f"server not healthy after {timeout:.0f} s; see {log}")
 
 
 def build_text(service: Any, text: str, out: Path) -> Path:
