@@ -52,7 +52,8 @@ def build(code: Path, spec: Path, out: Path, home: Path) -> tuple[dict[str, str]
     cmd = [sys.executable, "-m", "cli.main", "build", str(spec), "--out", str(out), "--json",
            "--no-record"]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
+    # From the spec's folder: an expert named by a relative path (examples/btx.yaml) is found.
+    proc = subprocess.run(cmd, cwd=spec.parent, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{code}: build of {spec.name} failed:\n{proc.stderr[-3000:]}")
     hashes = {

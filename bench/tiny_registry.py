@@ -7,8 +7,8 @@ models with the real `composer` CLI, so that bench/build_identity.py --tiny can 
 example spec (every build method) quickly:
 - base `smollm2`: a tiny Llama with a word-level tokenizer;
 - FlexOlmo experts `code`, `legal`, `manuals` owned by `acme`: trained for a few steps by
-  `composer expert train` on examples/calibration text (so each carries its router row, bias
-  and domain embedding), with proxy samples under HOME/proxy/<name>/;
+  `composer expert train` on examples/calibration text, repeated (so each carries its router
+  row, bias and domain embedding), with proxy samples under HOME/proxy/<name>/;
 - dense experts `smollm2-code-ft`, `smollm2-legal-ft` and the folder
   EXAMPLES_COPY/checkpoints/smollm2-manuals-ft (examples/btx.yaml names it by path);
 - base `smollm2-upcycled-8x`: examples/upcycle.yaml built with 8 experts and registered.
@@ -59,7 +59,10 @@ def make(home: Path, examples: Path) -> None:
     composer(home, "registry", "add-owner", "acme")
     calibration = examples / "calibration"
     for i, domain in enumerate(DOMAINS):
-        text = calibration / f"{domain}.txt"
+        # The calibration texts are a few dozen words: repeated, they make a training set.
+        text = work / "text" / f"{domain}.txt"
+        text.parent.mkdir(parents=True, exist_ok=True)
+        text.write_text("\n".join([(calibration / f"{domain}.txt").read_text()] * 40))
         out = work / f"expert-{domain}"
         composer(home, "expert", "train", str(base), str(text), "--out", str(out),
                  "--domain", domain, "--layers", "every:4", "--steps", "4", "--seq-len", "32",

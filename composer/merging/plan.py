@@ -26,6 +26,7 @@ from composer.merging.params import (
 from composer.plan import Step, check_consent, render, resolve_inputs
 from composer.spec import Spec, SpecError, parse_size
 from registry.errors import CheckpointError
+from router_train.bias_file import ROUTER_FILE_CONFIG_KEY
 
 _ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -212,10 +213,10 @@ def _plan_moe(plan: MergePlan) -> None:
             f"{plan.spec.where('base')}: moe_merge needs a Mixtral checkpoint, got model_type "
             f"{cfg.get('model_type')!r}"
         )
-    if cfg.get("composer_router_file"):
+    if cfg.get(ROUTER_FILE_CONFIG_KEY):
         raise PlanError(
             f"{plan.spec.where('base')}: moe_merge cannot carry a per-expert router bias file "
-            f"({cfg['composer_router_file']}) through a merge"
+            f"({cfg[ROUTER_FILE_CONFIG_KEY]}) through a merge"
         )
     have, top_k = int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
     want = s.params.num_experts
