@@ -15,7 +15,7 @@ produces exactly the ids it always did:
   chunks and drop the tail (:func:`load_token_chunks`); calibration cuts the first
   ``max_tokens`` ids into blocks and keeps a shorter last one (:func:`token_blocks`); Expert
   Merging keeps full blocks only, or one short sequence when there is less than a block
-  (composer.merging_exec.calibration_batches).
+  (composer.merging.calibrated.calibration_batches).
 """
 
 from __future__ import annotations
