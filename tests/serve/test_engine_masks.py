@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from composer.tiny_moe import make_tiny_moe, prune_expert
-from tests.serve.server_fixtures import offline_request, tiny_llm, write_composition
+from composer.tiny_moe import prune_expert
+from tests.serve.conftest import EnginePool
+from tests.serve.server_fixtures import offline_request, tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +29,16 @@ def _shutdown(llm: Any) -> None:
 
 
 @pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
-def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def engines(
+    request: pytest.FixtureRequest,
+    engine_pool: EnginePool,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator:
     kind = request.param
-    root = tmp_path_factory.mktemp(kind)
-    full_dir = make_tiny_moe(root / "full", kind)
-    pruned_dir = prune_expert(full_dir, root / "no_legal", "legal")
-    # As `composer build` records it: slot 0 is the public base, the others registered experts.
-    write_composition(full_dir, {"public": None, "code": 1, "legal": 2, "math": 3}, "0" * 64)
-    full, pruned = tiny_llm(full_dir), tiny_llm(pruned_dir)
+    full_dir = engine_pool.model(kind)  # slot 0 is the public base, the others registered
+    pruned_dir = prune_expert(full_dir, tmp_path_factory.mktemp(kind) / "no_legal", "legal")
+    full, pruned = engine_pool.engine(kind, "vllm"), tiny_llm(pruned_dir)
     yield kind, full, pruned
-    _shutdown(full)
     _shutdown(pruned)
 
 

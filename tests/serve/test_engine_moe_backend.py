@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from composer.tiny_moe import make_tiny_moe
 from serve.masking import MASK_KEY
-from serve.moe_backend import BACKEND_ENV, moe_backend_report
-from tests.serve.server_fixtures import offline_request, tiny_llm
+from serve.moe_backend import moe_backend_report
+from tests.serve.conftest import EnginePool
+from tests.serve.server_fixtures import offline_request
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +23,14 @@ SETS: list[list[str] | None] = [None, ["public", "code", "math"], ["code", "math
 MAX_TOKENS = 12
 
 
-def _llm(path: Any, backend: str) -> Any:
-    with pytest.MonkeyPatch.context() as mp:  # the engine process reads it at start
-        mp.setenv(BACKEND_ENV, backend)
-        return tiny_llm(path)
-
-
 @pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
-def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+def engines(request: pytest.FixtureRequest, engine_pool: EnginePool) -> Iterator:
     kind = request.param
-    path = make_tiny_moe(tmp_path_factory.mktemp(kind) / "model", kind)
     with pytest.MonkeyPatch.context() as mp:
-        # `apply_model` pickles a function: both this process and the engines must allow it.
+        # `apply_model` pickles a function: this process must allow it too (the pool's engines
+        # were started allowing it).
         mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-        composer, vllm_own = _llm(path, "composer"), _llm(path, "vllm")
-        yield kind, composer, vllm_own
-        for llm in (composer, vllm_own):
-            llm.llm_engine.engine_core.shutdown()
+        yield kind, engine_pool.engine(kind, "composer"), engine_pool.engine(kind, "vllm")
 
 
 def _generate(llm: Any, sets: list[list[str] | None] = SETS) -> list[tuple[list[int], list[float]]]:
