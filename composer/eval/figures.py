@@ -27,20 +27,25 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _heatmap(ax: Any, values: list[list[float]], rows: Sequence[str], cols: Sequence[str],
-             fmt: str, cmap: str, center: float | None) -> Any:  # fmt: skip
+             fmt: str, cmap: str, limits: tuple[float, float] | None) -> Any:  # fmt: skip
+    """Cells coloured by value within ``limits`` (default: symmetric around 0), each labelled
+    in a colour readable on it."""
     import numpy as np
 
     data = np.array(values, dtype=float)
-    kw: dict[str, Any] = {}
-    if center is not None:
-        span = float(np.nanmax(np.abs(data - center))) if data.size else 1.0
-        kw = {"vmin": center - (span or 1.0), "vmax": center + (span or 1.0)}
-    im = ax.imshow(data, cmap=cmap, aspect="auto", **kw)
+    if limits is None:
+        span = float(np.nanmax(np.abs(data))) if data.size else 0.0
+        limits = (-(span or 1.0), span or 1.0)
+    im = ax.imshow(data, cmap=cmap, aspect="auto", vmin=limits[0], vmax=limits[1])
     ax.set_xticks(range(len(cols)), labels=list(cols), rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels=list(rows))
     for r in range(data.shape[0]):
         for c in range(data.shape[1]):
-            ax.text(c, r, format(data[r, c], fmt), ha="center", va="center", fontsize=8)
+            shade = float(im.norm(data[r, c]))
+            dark = shade < 0.35 if cmap == "viridis" else abs(shade - 0.5) > 0.3
+            color = "white" if dark else "black"
+            ax.text(c, r, format(data[r, c], fmt), ha="center", va="center", fontsize=8,
+                    color=color)  # fmt: skip
     return im
 
 
@@ -53,8 +58,10 @@ def opt_out_heatmap(matrix: Mapping[str, Any], path: Path, title: str) -> Path:
 
     experts, domains = matrix["experts"], matrix["domains"]
     values = [[100.0 * matrix["relative_change"][e][d] for d in domains] for e in experts]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(domains), 1.2 + 0.5 * len(experts)))
-    im = _heatmap(ax, values, [f"without {e}" for e in experts], domains, "+.1f", "RdBu_r", 0.0)
+    fig, ax = plt.subplots(
+        figsize=(2.6 + 1.2 * len(domains), 1.4 + 0.5 * len(experts)), layout="constrained"
+    )
+    im = _heatmap(ax, values, [f"without {e}" for e in experts], domains, "+.1f", "RdBu_r", None)
     fig.colorbar(im, ax=ax, label="perplexity change vs full (%)")
     ax.set_title(title)
     try:
@@ -75,16 +82,15 @@ def routing_heatmap(
     domains = list(routing)
     layers = max((len(v) for v in routing.values()), default=1)
     fig, axes = plt.subplots(
-        1, len(domains), squeeze=False,
-        figsize=(0.5 + (1.2 + 0.7 * len(names)) * len(domains), 1.4 + 0.4 * layers),
+        1, len(domains), squeeze=False, layout="constrained",
+        figsize=(1.0 + (2.6 + 0.7 * len(names)) * len(domains), 1.6 + 0.45 * layers),
     )  # fmt: skip
     im = None
     for ax, d in zip(axes[0], domains, strict=True):
         rows = routing[d]
         values = [[r["fractions"][n] for n in names] for r in rows]
         labels = [f"L{r['layer']} H={r['entropy']:.2f} V={r['max_vio']:.2f}" for r in rows]
-        im = _heatmap(ax, values, labels, names, ".2f", "viridis", None)
-        im.set_clim(0.0, 1.0)
+        im = _heatmap(ax, values, labels, names, ".2f", "viridis", (0.0, 1.0))
         ax.set_title(d)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="fraction of assignments")
