@@ -132,6 +132,13 @@ def test_cli_eval_records_the_run_and_registry_show_lists_it(
     assert by_id["eval_runs"][-1]["id"] == report["run_id"]
     table = evaluated.cli("registry", "show", "evaluated").stdout
     assert "eval runs" in table and "public,beta,gamma" in table
+    # The build's folder is the same build: recorded against it too.
+    res = evaluated.cli(
+        "eval", evaluated.build, "--data", evaluated.data[0], "--seq-len", SEQ_LEN,
+        "--max-chunks", MAX_CHUNKS, "--out", tmp_path, "--json",
+    )  # fmt: skip
+    assert json.loads(res.stdout)["build_id"] == by_id["id"]
+    assert len(_runs(evaluated)) == before + 2
 
 
 def test_opted_out_expert_is_never_used_and_asking_for_it_names_it(
@@ -154,8 +161,13 @@ def test_opted_out_expert_is_never_used_and_asking_for_it_names_it(
         assert res.exit_code == 2
         assert "--experts" in res.stderr and "gamma" in res.stderr
         assert len(_runs(evaluated)) == before
+        cli("registry", "restrict", "gamma", "--owner", "acme")  # no key lists it: not usable
+        assert engine.select(None) == ("public", "alpha", "beta")
+        with pytest.raises(ExpertChoiceError, match="gamma"):
+            engine.select({"exclude": ["gamma"]})
     finally:
         cli("registry", "opt-in", "gamma", "--owner", "acme")
+    assert engine.select(None) == tuple(SLOTS)
 
 
 @pytest.mark.parametrize(
