@@ -48,7 +48,8 @@ class EvalData:
 
 
 def prepare(model_dir: str | Path, data_args: Sequence[str], options: EvalOptions) -> EvalData:
-    """Resolve `--data` and tokenise it with the checkpoint's tokenizer (composer/text.py)."""
+    """Check the options against the model, resolve `--data` and tokenise it with the
+    checkpoint's tokenizer (composer/text.py): everything that can fail before the engine."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     positions = config.get("max_position_embeddings")
     if positions and options.seq_len + 1 > int(positions):
@@ -56,6 +57,9 @@ def prepare(model_dir: str | Path, data_args: Sequence[str], options: EvalOption
             f"--seq-len {options.seq_len}: a chunk and the one token the engine generates must "
             f"fit the model's {positions} positions (max_position_embeddings)"
         )
+    figures = options.opt_out_matrix or options.routing
+    if figures and options.out_dir.exists() and not options.out_dir.is_dir():
+        raise ComposerError(f"--out {options.out_dir}: exists and is not a folder")
     domains = parse_data_args(data_args)
     tok = checkpoint_tokenizer(model_dir, int(config["vocab_size"]))
     chunks = {d.name: domain_chunks(d, tok, options.seq_len, options.max_chunks) for d in domains}

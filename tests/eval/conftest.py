@@ -95,7 +95,7 @@ def make_build(cli: InProcessCli, root: Path) -> Path:
     return root / "evaluated"
 
 
-def write_data(root: Path) -> list[str]:
+def data_args() -> list[str]:
     """Two domains of real text: Python sources and Markdown docs of this repository."""
     return [f"code={REPO / 'merge'}/*.py", f"docs={REPO / 'docs'}/*.md"]
 
@@ -110,4 +110,4 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evaluated]:
     out = make_build(cli, root)
     settings = EngineSettings(dtype=serving_dtype(), max_model_len=SEQ_LEN + 1)
     with open_engine(out, cli.db_url, settings) as engine:
-        yield Evaluated(cli, out, write_data(root), engine)
+        yield Evaluated(cli, out, data_args(), engine)

@@ -180,14 +180,18 @@ def test_opted_out_expert_is_never_used_and_asking_for_it_names_it(
         (["--data", "{data}", "--experts", '{{"include": ["ghost"]}}'], "ghost"),
         (["--data", "{data}", "--seq-len", "10000000"], "--seq-len 10000000"),
         (["--data", "{data}", "--max-chunks", "0"], "--max-chunks"),
+        (["--data", "{data}", "--routing", "--out", "{file}"], "exists and is not a folder"),
     ],
 )
 def test_bad_input_exits_2_naming_it_and_writes_nothing(
     evaluated: Evaluated, tmp_path: Path, args: list[str], message: str
 ) -> None:
     before = len(_runs(evaluated))
-    args = [a.format(data=evaluated.data[0]) for a in args]
-    res = evaluated.cli("eval", "evaluated", *args, "--out", tmp_path / "figs", "--json", ok=False)
+    (tmp_path / "a-file").write_text("")
+    args = [a.format(data=evaluated.data[0], file=tmp_path / "a-file") for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "figs")]
+    res = evaluated.cli("eval", "evaluated", *args, "--json", ok=False)
     assert res.exit_code == 2, res.stderr
     assert message in res.stderr
     assert res.stdout == ""
