@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.build_cmds import build
+from cli.eval_cmds import eval_
 from cli.expert_cmds import expert_app
 from cli.registry_cmds import keys_app, registry_app
 from cli.serve_cmds import serve
@@ -18,6 +19,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(keys_app, name="keys")
 app.add_typer(expert_app, name="expert")
 app.command("build")(build)
+app.command("eval")(eval_)
 app.command("serve", context_settings={"allow_extra_args": True})(serve)
 
 

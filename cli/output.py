@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -32,3 +34,18 @@ def _cell(v: Any) -> str:
         return "-"
     s = str(v)
     return s[:12] if len(s) == 64 and all(ch in "0123456789abcdef" for ch in s) else s
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to file descriptor 1 (engine logs, child processes) to stderr
+    while the block runs, so `--json` leaves exactly one document on stdout."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

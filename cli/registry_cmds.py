@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -104,15 +104,58 @@ def list_(json_out: JsonOpt = False) -> None:
 @registry_app.command("show")
 @handles_errors
 def show(ref: str, json_out: JsonOpt = False) -> None:
-    """Show one expert version (NAME or NAME@VERSION; default the latest)."""
-    doc = _service().show(ref)
+    """Show one expert version (NAME or NAME@VERSION; default the latest), or a build (#ID, or a
+    name no expert has) with its eval runs."""
+    service = _service()
+    try:
+        doc = _show_build(service, ref) if ref.startswith("#") else _show_expert(service, ref)
+    finally:
+        service.close()
     if json_out:
         print_json(doc)
-        return
+    elif "eval_runs" in doc:
+        _print_build(doc)
+    else:
+        _print_expert(doc)
+
+
+def _show_expert(service: Any, ref: str) -> dict[str, Any]:
+    """The expert version, else the build of that name; an error names both lookups."""
+    from registry.errors import RegistryError
+
+    try:
+        return service.show(ref)
+    except RegistryError as expert_error:
+        try:
+            return _show_build(service, ref)
+        except RegistryError:
+            raise RegistryError(f"{expert_error}; no build {ref!r} either") from None
+
+
+def _show_build(service: Any, ref: str) -> dict[str, Any]:
+    from registry.eval_runs import eval_runs
+
+    doc = service.find_build(ref)
+    return {**doc, "eval_runs": eval_runs(service.registry, doc["id"])}
+
+
+def _print_expert(doc: dict[str, Any]) -> None:
     for k in ("ref", "owner", "domain", "kind", "policy", "base", "base_fingerprint", "sha256"):
         console.print(f"[bold]{k}[/bold]: {doc[k]}")
     print_table("files", doc["files"], ["path", "sha256", "size"])
     print_table("policy history", doc["policy_history"], ["at", "actor", "from", "to"])
+
+
+def _print_build(doc: dict[str, Any]) -> None:
+    for k in ("id", "name", "method", "output_path", "spec_sha256"):
+        console.print(f"[bold]{k}[/bold]: {doc[k]}")
+    rows = [
+        {"id": r["id"], "at": r["at"], "experts": ",".join(r["mask"]["used"]),
+         "perplexity": " ".join(f"{d}={p:.3f}" for d, p in r["results"]["perplexity"].items()),
+         "figures": ",".join(r["figures"])}
+        for r in doc["eval_runs"]
+    ]  # fmt: skip
+    print_table("eval runs", rows, ["id", "at", "experts", "perplexity", "figures"])
 
 
 def _set_policy(ref: str, owner: str, policy: str, json_out: bool) -> None:

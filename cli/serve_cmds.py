@@ -14,17 +14,28 @@ from registry.errors import ComposerError
 
 def resolve_model(target: str) -> tuple[Path, str | None]:
     """(checkpoint folder, registry URL or None) for a folder path or a recorded build."""
+    path, url, _ = resolve_target(target)
+    return path, url
+
+
+def resolve_target(target: str) -> tuple[Path, str | None, int | None]:
+    """(checkpoint folder, registry URL or None, recorded build id or None) for a folder path or
+    a build name / `#id`; a folder is matched to the newest build written there."""
     from registry.errors import NotInitialisedError
+    from registry.eval_runs import build_for_folder
     from registry.service import RegistryService
     from registry.settings import database_url
 
     path = Path(target)
     if (path / "config.json").is_file():
         try:
-            RegistryService().close()
-            return path, database_url()
+            service = RegistryService()
         except NotInitialisedError:
-            return path, None
+            return path, None, None
+        try:
+            return path, database_url(), build_for_folder(service.registry, path)
+        finally:
+            service.close()
     try:
         service = RegistryService()
     except NotInitialisedError:
@@ -37,7 +48,7 @@ def resolve_model(target: str) -> tuple[Path, str | None]:
     out = Path(build["output_path"])
     if not (out / "config.json").is_file():
         raise ComposerError(f"build {target!r} was written to {out}, which has no config.json")
-    return out, database_url()
+    return out, database_url(), int(build["id"])
 
 
 def serving_dtype() -> str:

@@ -11,11 +11,11 @@ produces exactly the ids it always did:
 - Bytes fallback: training and tuning choose it explicitly (``"bytes"``, ids 0..255);
   calibration and Expert Merging fall back to it when the checkpoint has no tokenizer files
   (:func:`checkpoint_tokenizer`, ids modulo the vocabulary).
-- Packing: training and tuning read documents (composer.train.data) until ``max_chunks`` full
-  chunks and drop the tail (:func:`load_token_chunks`); calibration cuts the first
-  ``max_tokens`` ids into blocks and keeps a shorter last one (:func:`token_blocks`); Expert
-  Merging keeps full blocks only, or one short sequence when there is less than a block
-  (composer.merging.calibrated.calibration_batches).
+- Packing: training, tuning and evaluation (composer.eval) read documents (composer.train.data)
+  until ``max_chunks`` full chunks and drop the tail (:func:`pack_documents`,
+  :func:`load_token_chunks`); calibration cuts the first ``max_tokens`` ids into blocks and
+  keeps a shorter last one (:func:`token_blocks`); Expert Merging keeps full blocks only, or one
+  short sequence when there is less than a block (composer.merging.calibrated.calibration_batches).
 """
 
 from __future__ import annotations
@@ -123,9 +123,12 @@ class TokenChunks:
     heldout_files: int = 0
 
 
-def _pack(
-    files: list[Path], tok: Tokenizer, seq_len: int, max_chunks: int, strip: bool | None
+def pack_documents(
+    files: Sequence[Path], tok: Tokenizer, seq_len: int, max_chunks: int, strip: bool | None
 ) -> tuple[torch.Tensor, int]:
+    """Documents of ``files`` in the given order (binary and empty ones skipped), each followed
+    by EOS, packed into full blocks of ``seq_len`` until ``max_chunks``: (int64 [n, seq_len],
+    documents read). Training, tuning and evaluation pack text this way."""
     buf: list[int] = []
     used = 0
     need = max_chunks * seq_len
@@ -159,14 +162,14 @@ def load_token_chunks(
     files move there, smallest hash first, until one gives a chunk.
     """
     train, heldout = split_files(paths, heldout_fraction, seed)
-    held_t, n_held = _pack(heldout, tokenizer, seq_len, max_heldout_chunks, strip)
+    held_t, n_held = pack_documents(heldout, tokenizer, seq_len, max_heldout_chunks, strip)
     if held_t.shape[0] == 0 and heldout_fraction > 0 and max_heldout_chunks > 0:
         for f in sorted(train, key=path_hash)[:-1]:  # keep at least one training file
             train.remove(f)
-            held_t, n_held = _pack([f], tokenizer, seq_len, max_heldout_chunks, strip)
+            held_t, n_held = pack_documents([f], tokenizer, seq_len, max_heldout_chunks, strip)
             if held_t.shape[0]:
                 break
-    train_t, n_train = _pack(train, tokenizer, seq_len, max_train_chunks, strip)
+    train_t, n_train = pack_documents(train, tokenizer, seq_len, max_train_chunks, strip)
     if train_t.shape[0] == 0:
         raise ValueError(f"not enough text for one chunk of {seq_len} tokens in {list(paths)}")
     return TokenChunks(train_t, held_t, n_train, n_held)

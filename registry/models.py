@@ -177,3 +177,24 @@ class Build(Base):
     wall_s: Mapped[float] = mapped_column(Float)
     peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvalRun(Base):
+    """One `composer eval` of a recorded build: how it was asked, on which bytes, with which
+    experts, and what it measured (figures and the PNGs' paths and hashes)."""
+
+    __tablename__ = "eval_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("builds.id"), index=True)
+    command: Mapped[str] = mapped_column(Text)
+    # domain -> {"patterns", "files": [{"path", "sha256"}], "chunks", "seq_len"}
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # {"request": the --experts choice, "used": experts in router order, "model": all experts}
+    mask: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # {"perplexity", "opt_out_matrix", "routing"}
+    results: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # figure name -> {"path", "sha256"}
+    figures: Mapped[dict[str, Any]] = mapped_column(JSON)
+    wall_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    build: Mapped[Build] = relationship()

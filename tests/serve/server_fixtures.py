@@ -28,7 +28,7 @@ from registry.models import (
     Policy,
     PublicModel,
 )
-from serve.experts import engine_fields
+from serve.offline import offline_request as engine_request
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = {"alice": "ck_alice_secret", "bob": "ck_bob_secret", "carol": "ck_carol_secret"}
@@ -161,16 +161,10 @@ SALT_SECRET = b"composer-tests-salt-secret"
 def offline_request(
     llm: Any, ids: list[int], allowed: Sequence[str] | None, salted: bool = True, **sampling: Any
 ) -> tuple[Any, Any]:
-    """(prompt, sampling params) as the server hands them to the engine: the explicit mask of
-    `allowed` (None: every expert of this model) and, if `salted`, its cache salt."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
+    """(prompt, sampling params) as the server hands them to the engine (serve.offline): the
+    explicit mask of `allowed` (None: every expert of this model) and, if `salted`, its salt."""
     names = list(llm.llm_engine.model_config.hf_config.composer_experts)
-    fields = engine_fields(names, names if allowed is None else list(allowed), SALT_SECRET)
-    salt = {"cache_salt": fields["cache_salt"]} if salted else {}
-    prompt = TokensPrompt(prompt_token_ids=ids, **salt)  # type: ignore[typeddict-item]
-    return prompt, SamplingParams(extra_args=fields["vllm_xargs"], **sampling)
+    return engine_request(names, ids, allowed, SALT_SECRET, salted, **sampling)
 
 
 def tiny_llm(path: Path, **overrides: object) -> object:
