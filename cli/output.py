@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console()
-err_console = Console(stderr=True)
+# Messages are never wrapped: an error stays one line, a printed path stays copyable.
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def print_json(doc: Any) -> None:
