@@ -10,7 +10,6 @@ pre-hooks), which works for any architecture whose decoder layers call ``layer.m
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from router_train.ffn_inputs import FfnInputHooks
 from router_train.layers import ffn_modules
 
 
-class FfnInputMeans:
+class FfnInputMeans(FfnInputHooks):
     """Context manager accumulating the mean input of each given module (float64 sums).
 
     ``token_mask`` (optional, set per batch with :meth:`set_mask`) selects which positions count;
@@ -31,8 +30,8 @@ class FfnInputMeans:
         self._layers = list(modules)
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = dict.fromkeys(self._layers, 0)
-        self._hooks = FfnInputHooks(modules, self._add)
         self._mask: torch.Tensor | None = None
+        super().__init__(modules, self._add)
 
     def set_mask(self, mask: torch.Tensor | None) -> None:
         """Bool [batch, seq] mask of the positions to count in the next forward passes."""
@@ -44,18 +43,6 @@ class FfnInputMeans:
         s = flat.sum(dim=0)
         self._sums[layer] = self._sums[layer] + s if layer in self._sums else s
         self._counts[layer] += flat.shape[0]
-
-    def __enter__(self) -> FfnInputMeans:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._hooks.__exit__(exc_type, exc, tb)
 
     def means(self) -> dict[int, torch.Tensor]:
         """float32 [hidden] mean per layer; raises if a layer saw no tokens."""
