@@ -7,7 +7,8 @@ path and a channel out of that process. transformers with the build's router wei
 router bias (router_train.biased_router, as training and tuning use it) and the mask added to
 the router logits makes the same choices; the perplexity cross-check (tests/eval) ties the two
 paths together. Layers listed in ``composer_dense_layers`` get the bias but never the mask, as
-in serving.
+in serving, and are not reported: their experts are identical copies of the dense FFN behind a
+zero router, so which copy a token reaches says nothing.
 
 - fraction: share of the layer's (token, top-k slot) assignments that went to the expert; a
   masked expert gets none, so fractions sum to 1 over the experts used.
@@ -103,8 +104,7 @@ def routing_stats(
     model, routers, keep, dense = load_masked(model_dir, names, allowed)
     out: dict[str, list[dict[str, Any]]] = {}
     for domain, domain_chunks in chunks.items():
-        counters = {i: _Counter(len(names), torch.ones_like(keep) if i in dense else keep)
-                    for i in routers}  # fmt: skip
+        counters = {i: _Counter(len(names), keep) for i in routers if i not in dense}
         hooks = [routers[i].register_forward_hook(c) for i, c in counters.items()]
         try:
             ids = torch.tensor([list(c) for c in domain_chunks], dtype=torch.long)
