@@ -11,11 +11,12 @@ from typing import Literal
 import pytest
 from build_helpers import build_text, write_expert_file, write_spec
 
-from composer.build import plan_for
+from composer.build import BUILD_METHODS, plan_for
 from composer.compose.arch import FLEXOLMO, MIXTRAL
 from composer.compose.plan import Plan, make_plan
 from composer.errors import BuildError, OptedOutError, PlanError
 from composer.inputs import LocalPathResolver, ResolvedInput, ResolveError
+from composer.spec import METHODS
 from composer.spec_load import load_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from registry.errors import ComposerError
@@ -236,3 +237,9 @@ def test_opted_out_input_names_its_line(models: Path, tmp_path: Path) -> None:
     with pytest.raises(OptedOutError) as exc:
         make_plan(load_spec(spec_path), resolver)
     assert str(exc.value).startswith(f"{spec_path.resolve()}:4: experts[1]: refused: ")
+
+
+def test_every_spec_method_has_a_build_method() -> None:
+    """The schema's method names (composer.spec, which cannot import the build) and the build
+    table are two lists of the same names: a method added to one only is caught here."""
+    assert tuple(BUILD_METHODS) == METHODS
