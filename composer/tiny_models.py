@@ -98,3 +98,37 @@ def perturb_weights(
         elif f.is_file():
             (out_dir / f.name).write_bytes(f.read_bytes())
     return out_dir
+
+
+FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_lora(
+    base_dir: Path,
+    out_dir: Path,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = FFN_TARGETS,
+    scale: float = 0.05,
+    **lora_kwargs: Any,
+) -> Path:
+    """Write a real PEFT LoRA adapter for the checkpoint at ``base_dir`` (FFN modules by default).
+
+    PEFT initialises lora_B to zero (a no-op adapter); both factors get seeded noise of standard
+    deviation ``scale`` instead, so the adapter changes the model like a trained one would.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(peft_model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    out_dir = Path(out_dir)
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
