@@ -39,7 +39,9 @@ def record_eval_run(registry: Registry, build_id: int, command: str, report: dic
             command=command,
             data=report["data"],
             mask=report["experts"],
-            results={k: report[k] for k in ("perplexity", "opt_out_matrix", "routing")},
+            results={
+                k: report.get(k) for k in ("perplexity", "opt_out_matrix", "routing", "lm_eval")
+            },
             figures=report["figures"],
             wall_s=float(report["wall_s"]),
         )

@@ -115,3 +115,17 @@ def run_eval(
         "figures": figures,
         "wall_s": round(time.monotonic() - start, 3),
     }
+
+
+def empty_report(model_dir: str | Path, experts: Any) -> dict[str, Any]:
+    """The report's shape when no perplexity is asked (`--lm-eval` alone)."""
+    return {
+        "model": str(model_dir),
+        "experts": {"request": experts, "used": [], "model": []},
+        "data": {},
+        "perplexity": {},
+        "opt_out_matrix": None,
+        "routing": None,
+        "figures": {},
+        "wall_s": 0.0,
+    }
