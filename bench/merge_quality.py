@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda", dest="lambda_", type=float, default=1.0, help="task-vector scale")
     p.add_argument("--em-steps", type=int, default=15, help="Expert Merging steps (per stage)")
     p.add_argument("--em-tokens", type=int, default=1024, help="calibration tokens per expert")
+    p.add_argument(
+        "--em-curve",
+        default="",
+        help="extra Expert Merging rows, STEPS:TOKENS,... (e.g. 5:512,30:4096,100:8192), and a "
+        "plot of the curve against DARE (TIES)",
+    )
+    p.add_argument("--tune-steps", type=int, default=10, help="FlexOlmo router tuning steps")
     p.add_argument("--moe-experts", type=int, default=4, help="experts of the upcycled MoE")
     p.add_argument("--moe-steps", type=int, default=30, help="MoE training steps (0: untrained)")
     p.add_argument("--moe-tokens", type=int, default=2048, help="M-SMoE calibration tokens")
@@ -162,6 +169,56 @@ def merge_specs(a: argparse.Namespace) -> dict[str, str]:
         "Expert Merging++": head
         + f"parameters: {{method: expert_merging++, {em}, steps_stage2: {a.em_steps}, {cal}}}\n",
     }
+
+
+def em_curve_specs(a: argparse.Namespace) -> dict[str, str]:
+    """Expert Merging at each STEPS:TOKENS of --em-curve (closer to the paper's budgets)."""
+    head = "method: merge\nbase: smollm2\nexperts: [experts/code, experts/legal, experts/manuals]\n"
+    cal = "calibration: [../cal/code.txt, ../cal/legal.txt, ../cal/manuals.txt]"
+    out = {}
+    for item in filter(None, a.em_curve.split(",")):
+        steps, tokens = (int(x) for x in item.split(":"))
+        em = f"steps: {steps}, seq_len: {a.seq_len}, max_calibration_tokens: {tokens}"
+        out[f"Expert Merging ({steps} steps, {tokens} tokens)"] = (
+            head + f"parameters: {{method: expert_merging, {em}, {cal}}}\n"
+        )
+    return out
+
+
+def tune_yaml(a: argparse.Namespace) -> str:
+    proxy = "{code: ../cal/code.txt, legal: ../cal/legal.txt, manuals: ../cal/manuals.txt}"
+    return f", tune: {{proxy: {proxy}, steps: {a.tune_steps}, lr: 0.01, max_chunks: 128}}"
+
+
+def plot_em_curve(results: dict[str, dict[str, float]], path: Path) -> None:
+    """Mean held-out perplexity of Expert Merging against its steps, DARE (TIES) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = {k: sum(v.values()) / len(v) for k, v in results.items()}
+    points: dict[int, list[tuple[int, float]]] = {}
+    for label, m in mean.items():
+        if label.startswith("Expert Merging (") and "tokens)" in label:
+            steps, tokens = (int(w) for w in label.split("(")[1].replace(",", "").split()[::2])
+            points.setdefault(tokens, []).append((steps, m))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tokens, pts in sorted(points.items()):
+        pts.sort()
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], "o-", label=f"Expert Merging, {tokens} tok"
+        )
+    for ref in ("DARE (TIES)", "TIES", "FlexOlmo composition (router tuned)"):
+        if ref in mean:
+            ax.axhline(mean[ref], linestyle="--", label=ref, color=None)
+    ax.set_xscale("log")
+    ax.set_xlabel("coefficient steps (per stage)")
+    ax.set_ylabel("mean held-out perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def layers_yaml(a: argparse.Namespace, n_layers: int) -> str:
@@ -321,12 +378,29 @@ def main(argv: list[str] | None = None) -> None:
     for label, text in merge_specs(a).items():
         models[label] = build_spec(a, label.lower().replace(" ", "_").replace("+", "p")
                                    .replace("(", "").replace(")", ""), text)  # fmt: skip
+    em_curve = em_curve_specs(a)
+    for label, text in em_curve.items():
+        models[label] = build_spec(a, label.split(" (")[0].lower().replace(" ", "_")
+                                   + "_" + label.split("(")[1].split(" ")[0], text)  # fmt: skip
     layers = layers_yaml(a, n_layers)
-    models["FlexOlmo composition"] = build_spec(a, "flexolmo", (
-        "method: compose\nstyle: flexolmo\nbase: smollm2\n"
-        "experts: [experts/code, experts/legal, experts/manuals]\n"
-        f"top_k: 2\nmoe_layers: {layers}\nrouter: {{init: domain_embedding}}\n"
-    ))  # fmt: skip
+    for label, tune in (("as trained", ""), ("router tuned", tune_yaml(a))):
+        models[f"FlexOlmo composition ({label})"] = build_spec(a, f"flexolmo_{label[:5]}", (
+            "method: compose\nstyle: flexolmo\nbase: smollm2\n"
+            "experts: [experts/code, experts/legal, experts/manuals]\n"
+            f"top_k: 2\nmoe_layers: {layers}\n"
+            f"router: {{init: trained, expert_bias: true{tune}}}\n"
+        ))  # fmt: skip
+    notes.append(
+        "FlexOlmo composition: each expert's router row and bias as its owner trained them "
+        f"(as trained), then rows and biases tuned {a.tune_steps} steps (lr 0.01) on the owners' "
+        "training-side calibration text (router tuned), as examples/flexmix.yaml does; scored "
+        "with the router bias applied (composer.train.evaluate.load_causal_lm)."
+    )
+    if em_curve:
+        notes.append(
+            "Expert Merging curve: the same method with more coefficient steps (per stage) and "
+            "calibration tokens per expert; `em_curve.png` plots mean perplexity against steps."
+        )
 
     if not a.no_moe:
         up = a.work / "upcycled"
@@ -370,6 +444,8 @@ def main(argv: list[str] | None = None) -> None:
     png = a.docs / f"merge_quality{suffix}.png"
     md.write_text(markdown(results, a, cmd, notes, wall) + f"\n![plot]({png.name})\n")
     plot(results, png, f"held-out perplexity per domain ({'smoke' if a.smoke else 'bench'})")
+    if em_curve:
+        plot_em_curve(results, a.docs / f"merge_quality_em_curve{suffix}.png")
     (a.work / "results.json").write_text(json.dumps(results, indent=2))
     print(md.read_text())
     log(f"wrote {md} and {png} ({wall / 60:.1f} min)")

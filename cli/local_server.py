@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -92,6 +93,9 @@ def local_server(
             start_new_session=True,
         )  # fmt: skip
     server = LocalServer(f"http://127.0.0.1:{port}", model, log)
+    main = threading.current_thread() is threading.main_thread()
+    # SIGTERM ends the command through `finally`, which stops the server (signals: main thread).
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _healthy(server.url):
@@ -105,6 +109,12 @@ def local_server(
         yield server
     finally:
         _stop(proc)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 @contextmanager

@@ -22,13 +22,16 @@ import sysconfig
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from composer.demo_serve import serve_and_ask
 from composer.demo_timing import Stages, machine
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 console = Console()
@@ -116,6 +119,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     from composer import precision
+    from composer.demo_matrix import opt_out_table
     from composer.smollm2 import export_smollm2
     from composer.train.expert import train_expert
 
@@ -170,8 +174,13 @@ def main() -> None:
         }
 
     with stages("5. held-out perplexity per domain"):
-        table = perplexity_table(public, singles, untuned, composed)
+        table, heldout, results = perplexity_table(public, singles, untuned, composed)
         console.print(table)
+    with stages("5b. opt-out matrix: each domain without one owner's expert"):
+        tuned = results["composed (flexmix, router tuned)"]
+        matrix, rows = opt_out_table(composed, heldout, tuned, results["public"])
+        console.print(matrix)
+        (HOME / "opt_out_matrix.json").write_text(json.dumps(rows, indent=2))
 
     if SERVE:
         title = "6. composer serve flexmix: each request toggles experts; opted-out are off"
@@ -286,7 +295,8 @@ def _layers_yaml() -> str:
 
 def perplexity_table(
     public: Path, singles: dict[str, Path], untuned: Path, composed: Path
-) -> Table:
+) -> tuple[Table, dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """The table, the held-out chunks it scored and its figures (model -> domain -> ppl)."""
     from composer.text import HFTokenizer, load_token_chunks
     from composer.train.evaluate import load_causal_lm, perplexity
 
@@ -329,7 +339,7 @@ def perplexity_table(
         + ("[green]met[/green]" if met else "[red]not met[/red]")
     )
     (HOME / "perplexity.json").write_text(json.dumps(results, indent=2))
-    return table
+    return table, heldout, results
 
 
 def generate(model_dir: Path, question: str, max_new_tokens: int = 60) -> str:
