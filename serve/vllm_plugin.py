@@ -10,6 +10,8 @@ from __future__ import annotations
 MASKED_ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "serve.masked_models:MaskedMixtralForCausalLM",
     "FlexOlmoForCausalLM": "serve.masked_models:MaskedFlexOlmoForCausalLM",
+    # `lora: shared` builds (models/lora_moe.py); its config class is registered in register().
+    "ComposerLoraMoeForCausalLM": "serve.lora_moe:ComposerLoraMoeForCausalLM",
 }
 
 _registered = False
@@ -21,6 +23,8 @@ def register() -> None:
     if _registered:
         return
     from vllm import ModelRegistry
+
+    import models  # noqa: F401  (AutoConfig must know composer_lora_moe before vLLM reads one)
 
     for arch, target in MASKED_ARCHITECTURES.items():
         ModelRegistry.register_model(arch, target)
