@@ -11,12 +11,13 @@ from typing import Any
 
 from composer.checkpoint import Checkpoint
 from composer.compose.arch import LORA_MOE, MIXTRAL, OutputArch, output_arch
-from composer.compose.lora_inputs import check_lora_expert
+from composer.compose.lora_inputs import adapter_targets, check_lora_expert
 from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
 from composer.plan import Step, check_consent, ranges, render, resolve_inputs
 from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
 from registry.checkpoint import EXPERT_FILE
+from registry.tensor_names import layer_of
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
 
@@ -350,6 +351,16 @@ def _notes(plan: Plan) -> list[str]:
             "no router.public_calibration: the public expert's router row is zero "
             "(logit 0 for every token)"
         )
+    for e in plan.experts:
+        if e.kind != "lora":
+            continue
+        layers = {layer_of(w) for w in adapter_targets(e.path)}
+        unused = sorted(i for i in layers if i is not None and i not in plan.moe_layers)
+        if unused:
+            notes.append(
+                f"LoRA expert '{e.name}' adapts layers {ranges(unused)} (not MoE layers): those "
+                "deltas are not used; dense layers keep the public FFN"
+            )
     if plan.dense_layers:
         notes.append(
             f"layers {ranges(plan.dense_layers)} have no experts: every expert there is a copy "

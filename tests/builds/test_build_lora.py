@@ -14,8 +14,11 @@ from build_helpers import bit_equal, build_text, config, load_model, tensors, to
 from safetensors.torch import load_file, save_file
 
 from composer.compose.lora_inputs import read_factors
+from composer.compose.plan import make_plan
 from composer.errors import PlanError
+from composer.inputs import LocalPathResolver
 from composer.spec import SpecError
+from composer.spec_load import load_spec
 from composer.tiny_models import make_tiny_lora
 from merge.lora import apply_lora
 from router_train.bias_file import ROUTER_FILE, read_router_bias
@@ -153,6 +156,10 @@ def test_shared_equals_materialised(loras: Path, tmp_path: Path, moe_layers: str
     )
     a = _build(loras, tmp_path, "mat", body)
     b = _build(loras, tmp_path, "shared", body + "lora: shared\n")
+    if moe_layers == "[1]":  # the plan says that the adapters' layer-0 deltas go unused
+        spec = load_spec(tmp_path / "spec-mat.yaml")
+        notes = make_plan(spec, LocalPathResolver(loras)).notes
+        assert "LoRA expert 'lcode' adapts layers 0 (not MoE layers)" in " ".join(notes)
     cfg = config(b)
     assert cfg["architectures"] == ["ComposerLoraMoeForCausalLM"]
     assert cfg["composer_experts"] == ["public", "lcode", "llegal"]
