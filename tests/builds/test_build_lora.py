@@ -5,57 +5,21 @@ for tensor, and shared-base builds (ComposerLoraMoeForCausalLM) compute what mat
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from build_helpers import bit_equal, build_text, config, load_model, tensors, token_ids
-from safetensors.torch import load_file, save_file
 
-from composer.compose.lora_inputs import read_factors
 from composer.compose.plan import make_plan
 from composer.errors import PlanError
 from composer.inputs import LocalPathResolver
 from composer.spec import SpecError
 from composer.spec_load import load_spec
-from composer.tiny_models import make_tiny_lora
-from merge.lora import apply_lora
 from router_train.bias_file import ROUTER_FILE, read_router_bias
 from router_train.biased_router import attach_router_bias
 
 IDS = token_ids()
-
-
-def _full_twin(base: Path, adapter: Path, out: Path) -> Path:
-    """The full checkpoint an adapter stands for (apply_lora, checked equal to PEFT elsewhere),
-    with the adapter's composer_expert.safetensors."""
-    out.mkdir()
-    sd = apply_lora(load_file(base / "model.safetensors"), read_factors(adapter))
-    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-    shutil.copy(base / "config.json", out / "config.json")
-    if (adapter / "composer_expert.safetensors").is_file():
-        shutil.copy(adapter / "composer_expert.safetensors", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loras(models: Path) -> Path:
-    """LoRA experts beside the session's tiny models (refs in specs are relative to `models`):
-    lcode (all FFN projections, rank 4), llegal (up/down, rank 8, rsLoRA), lattn (q_proj and
-    up_proj), each with a *_full twin."""
-    from build_helpers import write_expert_file
-
-    base = models / "base"
-    make_tiny_lora(base, models / "lcode", seed=31, rank=4)
-    make_tiny_lora(
-        base, models / "llegal", seed=32, rank=8, targets=("up_proj", "down_proj"), use_rslora=True
-    )
-    make_tiny_lora(base, models / "lattn", seed=33, rank=4, targets=("q_proj", "up_proj"))
-    for i, name in enumerate(("lcode", "llegal", "lattn")):
-        write_expert_file(models / name, layers=[0, 1], seed=40 + i, bias=-0.3 * (i + 1))
-        _full_twin(base, models / name, models / f"{name}_full")
-    return models
 
 
 def _build(models: Path, tmp: Path, name: str, body: str) -> Path:
