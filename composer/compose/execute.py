@@ -148,6 +148,8 @@ def manifest(
             "router_init": plan.router_init,
             "gating_logit_norm": plan.spec.router.gating_logit_norm,
             "dtype": plan.dtype,
+            # only with LoRA experts, so other builds' composition.json stay byte-identical
+            **({"lora": plan.lora} if any(e.kind == "lora" for e in plan.experts) else {}),
         },
         "router_tuning": router_tuning,
         "seed": seed,

@@ -59,6 +59,7 @@ def test_materialised_equals_the_full_twin(
     b = _build(loras, tmp_path, "twin", twin_body)
     _same_build(a, b)
     man = json.loads((a / "composition.json").read_text())
+    assert man["parameters"]["lora"] == "materialised"
     assert man["experts"][-1]["kind"] in ("lora", "dense")
     assert man["experts"][0 if "btx" in body else 1]["kind"] == "lora"
 
