@@ -24,8 +24,14 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    import models  # noqa: F401  (AutoConfig must know composer_lora_moe before vLLM reads one)
+    archs = dict(MASKED_ARCHITECTURES)
+    try:  # AutoConfig must know composer_lora_moe before vLLM reads such a config
+        import models  # noqa: F401
+    except ImportError as e:  # an install without models/: every other build still serves
+        import logging
 
-    for arch, target in MASKED_ARCHITECTURES.items():
+        logging.getLogger(__name__).warning("Composer: no LoRA-MoE support (%s)", e)
+        archs.pop("ComposerLoraMoeForCausalLM")
+    for arch, target in archs.items():
         ModelRegistry.register_model(arch, target)
     _registered = True
