@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from registry.checkpoint import EXPERT_FILE
+from registry.checkpoint import ADAPTER_CONFIG, EXPERT_FILE
 from registry.errors import ComposerError
 from registry.store import file_sha256
 
@@ -57,7 +57,9 @@ class LocalPathResolver:
     """Resolves references that are checkpoint folders on disk (relative to ``root``).
 
     ``names`` optionally maps a reference to the expert name; otherwise the folder name is used.
-    Policy is None (local files carry no consent record). Hashes are computed on demand.
+    Policy is None (local files carry no consent record). Hashes are computed on demand. An
+    expert may also be a PEFT LoRA adapter folder (adapter_config.json, no config.json): kind
+    "lora", applied to the spec's base by the build.
     """
 
     def __init__(
@@ -74,12 +76,19 @@ class LocalPathResolver:
         path = Path(ref).expanduser()
         if not path.is_absolute() and self.root is not None:
             path = self.root / path
-        if not (path / "config.json").is_file():
+        adapter = role == "expert" and (path / ADAPTER_CONFIG).is_file()
+        if not adapter and not (path / "config.json").is_file():
+            what = "config.json" if role == "base" else f"config.json or {ADAPTER_CONFIG}"
             raise ResolveError(
-                f"{ref!r} is not a checkpoint folder (no config.json at {path.absolute()})"
+                f"{ref!r} is not a checkpoint folder (no {what} at {path.absolute()})"
             )
         path = path.resolve()
-        kind = "base" if role == "base" else ("ffn" if _has_expert_file(path) else "dense")
+        if role == "base":
+            kind = "base"
+        elif adapter:
+            kind = "lora"
+        else:
+            kind = "ffn" if _has_expert_file(path) else "dense"
         return ResolvedInput(
             ref=ref,
             path=path,

@@ -19,7 +19,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from composer.precision import Bf16Setting
 from composer.spec_lines import field_name, line_for
@@ -152,6 +160,10 @@ class Spec(_Model):
     output: OutputSpec = Field(default_factory=OutputSpec)
     seed: int = Field(default=0, ge=0)
     parameters: dict[str, Any] | None = None  # method parameters of merge / moe_merge (later)
+    # compose with LoRA experts: "materialised" (default) writes base FFN + B @ A per expert as a
+    # standard Mixtral / FlexOlmo checkpoint; "shared" writes one base FFN per layer plus every
+    # expert's factors (ComposerLoraMoeForCausalLM, models/lora_moe.py). docs/adapters.md.
+    lora: Literal["materialised", "shared"] | None = None
 
     _source: Path | None = PrivateAttr(default=None)
     _lines: dict[tuple[Any, ...], int] = PrivateAttr(default_factory=dict)
@@ -173,6 +185,19 @@ class Spec(_Model):
                 f"expected 'all', a list of layer indices or {{every: N, offset: M}}, got {v!r}"
             )
         return v
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_lora(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Specs without `lora` dump (and hash) exactly as before the field existed, so builds
+        # of existing specs stay byte-identical.
+        out = handler(self)
+        if out.get("lora", "") is None:
+            del out["lora"]
+        return out
+
+    @property
+    def lora_mode(self) -> str:
+        return self.lora or "materialised"
 
     @property
     def source(self) -> Path | None:

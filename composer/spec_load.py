@@ -90,6 +90,8 @@ def _check_semantics(spec: Spec) -> tuple[tuple[Any, ...], str] | None:
         return ("method",), "method 'compose' needs a style: flexolmo or btx"
     if m != "compose" and spec.style is not None:
         return ("style",), f"only method 'compose' takes a style, not method {m!r}"
+    if m != "compose" and spec.lora is not None:
+        return ("lora",), f"only method 'compose' takes lora, not method {m!r}"
     if m == "upcycle":
         if spec.num_experts is None:
             return ("method",), "method 'upcycle' needs num_experts"

@@ -10,6 +10,8 @@ from __future__ import annotations
 MASKED_ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "serve.masked_models:MaskedMixtralForCausalLM",
     "FlexOlmoForCausalLM": "serve.masked_models:MaskedFlexOlmoForCausalLM",
+    # `lora: shared` builds (models/lora_moe.py); its config class is registered in register().
+    "ComposerLoraMoeForCausalLM": "serve.lora_moe:ComposerLoraMoeForCausalLM",
 }
 
 _registered = False
@@ -22,6 +24,14 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
-    for arch, target in MASKED_ARCHITECTURES.items():
+    archs = dict(MASKED_ARCHITECTURES)
+    try:  # AutoConfig must know composer_lora_moe before vLLM reads such a config
+        import models  # noqa: F401
+    except ImportError as e:  # an install without models/: every other build still serves
+        import logging
+
+        logging.getLogger(__name__).warning("Composer: no LoRA-MoE support (%s)", e)
+        archs.pop("ComposerLoraMoeForCausalLM")
+    for arch, target in archs.items():
         ModelRegistry.register_model(arch, target)
     _registered = True

@@ -71,6 +71,15 @@ FLEXOLMO = OutputArch(
     proj_names={"gate": "gate_proj.weight", "up": "up_proj.weight", "down": "down_proj.weight"},
     always_renormalises=False,
 )
+# `lora: shared` (composer/compose/lora_shared.py, models/lora_moe.py): one base FFN per layer
+# plus each expert's LoRA factors; its router key is FlexOlmo's, its experts are not dense.
+LORA_MOE = OutputArch(
+    architecture="ComposerLoraMoeForCausalLM",
+    model_type="composer_lora_moe",
+    moe_prefix="mlp",
+    proj_names={"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    always_renormalises=False,
+)
 
 _FAMILIES: dict[str, OutputArch] = {"llama": MIXTRAL, "mistral": MIXTRAL, "olmo2": FLEXOLMO}
 

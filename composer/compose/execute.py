@@ -12,6 +12,8 @@ import torch
 
 from composer.checkpoint import Checkpoint
 from composer.compose.arch import moe_config
+from composer.compose.lora_inputs import open_expert
+from composer.compose.lora_shared import build_shared_recipe, config_extra
 from composer.compose.plan import PUBLIC_EXPERT, Plan
 from composer.compose.recipe import build_recipe, out_dtype, verify_anchors, verify_shapes
 from composer.compose.routers import compute_routers
@@ -30,10 +32,10 @@ from router_train.bias_file import (
 
 def execute(plan: Plan, tmp: Path, seed: int, progress: bool) -> Written:
     """Write the composed checkpoint into ``tmp`` (the tokenizer files are there already)."""
-    opened: list[Checkpoint] = []
+    opened: list[Any] = []  # Checkpoint, or LoraExpert over the base
     try:
         opened.append(Checkpoint(plan.base.path))
-        opened += [Checkpoint(e.path) for e in plan.experts]
+        opened += [open_expert(e.kind, e.path, opened[0]) for e in plan.experts]
         files, extras, tuning = _write(plan, opened[0], opened[1:], tmp, seed, progress)
     finally:
         for ck in opened:
@@ -53,7 +55,11 @@ def _write(
     with bar(len(plan.moe_layers), f"router ({plan.router_init})", progress, "layer") as b:
         routers, bias = compute_routers(plan, base, experts, seed)
         b.update(len(plan.moe_layers))
-    recipe = build_recipe(plan, base, experts, routers, bias)
+    shared = plan.lora == "shared"
+    if shared:  # plan checked that every expert is a LoraExpert
+        recipe = build_shared_recipe(plan, base, experts, routers, bias)  # type: ignore[arg-type]
+    else:
+        recipe = build_recipe(plan, base, experts, routers, bias)
 
     writer = ShardWriter(tmp, partition(recipe.groups, plan.max_shard_bytes))
     n_tensors = sum(len(g) for g in recipe.groups)
@@ -75,7 +81,9 @@ def _write(
         expert_names=plan.expert_names,
         dense_layers=plan.dense_layers,
         dtype=plan.dtype,
-        extra={ROUTER_FILE_CONFIG_KEY: ROUTER_FILE} if recipe.router_bias else None,
+        extra=config_extra(plan, experts)  # type: ignore[arg-type]
+        if shared
+        else ({ROUTER_FILE_CONFIG_KEY: ROUTER_FILE} if recipe.router_bias else None),
     )
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tuning = _tune(plan, tmp, seed, progress, files, extras) if plan.spec.router.tune else None
@@ -140,6 +148,8 @@ def manifest(
             "router_init": plan.router_init,
             "gating_logit_norm": plan.spec.router.gating_logit_norm,
             "dtype": plan.dtype,
+            # only with LoRA experts, so other builds' composition.json stay byte-identical
+            **({"lora": plan.lora} if any(e.kind == "lora" for e in plan.experts) else {}),
         },
         "router_tuning": router_tuning,
         "seed": seed,

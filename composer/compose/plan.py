@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from composer.compose.arch import MIXTRAL, OutputArch, output_arch
+from composer.checkpoint import Checkpoint
+from composer.compose.arch import LORA_MOE, MIXTRAL, OutputArch, output_arch
+from composer.compose.lora_inputs import adapter_targets, check_lora_expert
 from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
 from composer.plan import Step, check_consent, ranges, render, resolve_inputs
 from composer.spec import MoeLayersEvery, Spec, SpecError, parse_size
 from registry.checkpoint import EXPERT_FILE
+from registry.tensor_names import layer_of
 
 PUBLIC_EXPERT = "public"  # name of expert 0 (the public model's FFN) in compose/flexolmo
 
@@ -38,6 +41,7 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     proxy: dict[str, list[Path]] = field(default_factory=dict)  # router.tune: expert -> files
+    lora: str = "materialised"  # LoRA experts: "materialised" or "shared" (docs/adapters.md)
 
     @property
     def num_experts(self) -> int:
@@ -51,6 +55,8 @@ class Plan:
         ]
         rows += [(f"expert {i}", n) for i, n in enumerate(self.expert_names)]
         rows += [(f"input {e.name}", _describe(e)) for e in self.experts]
+        if any(e.kind == "lora" for e in self.experts):
+            rows.append(("lora experts", self.lora))
         rows += [
             ("moe layers", ranges(self.moe_layers) or "none"),
             ("dense layers", ranges(self.dense_layers) or "none"),
@@ -62,6 +68,8 @@ class Plan:
 
 def _describe(r: ResolvedInput) -> str:
     parts = [r.ref if r.ref == str(r.path) else f"{r.ref} -> {r.path}"]
+    if r.kind == "lora":
+        parts.append("LoRA adapter")
     if r.version:
         parts.append(f"v{r.version}")
     if r.owner:
@@ -194,7 +202,10 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
             f"{spec.where('router', 'tune')}: with top_k 1 and renormalised top-k weights every "
             "token's one expert gets weight 1, so the router gets no gradient; use top_k >= 2"
         )
-    _check_experts(spec, experts, base_config, init)
+    _check_experts(spec, experts, base.path, base_config, init)
+    if spec.lora_mode == "shared":
+        _check_shared(spec, experts, base_config)
+        arch = LORA_MOE
 
     dtype = spec.output.dtype
     if dtype == "auto":
@@ -215,6 +226,7 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
         dtype=dtype,
         max_shard_bytes=parse_size(spec.output.max_shard_size),
         proxy=proxy,
+        lora=spec.lora_mode,
     )
     plan.steps = _steps(plan)
     plan.notes = _notes(plan)
@@ -222,24 +234,67 @@ def make_plan(spec: Spec, resolver: Resolver) -> Plan:
 
 
 def _check_experts(
-    spec: Spec, experts: list[ResolvedInput], base_config: dict[str, Any], init: str
+    spec: Spec,
+    experts: list[ResolvedInput],
+    base_dir: Path,
+    base_config: dict[str, Any],
+    init: str,
 ) -> None:
     """Every expert fits the base and carries what the router init reads."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    if any(e.kind == "lora" for e in experts):
+        base = Checkpoint(base_dir)  # headers only
+        shapes = {k: base.meta(k)[1] for k in base.tensor_names()}
+        base.close()
+    ffn_only = spec.style == "flexolmo" or spec.lora_mode == "shared"
     for i, e in enumerate(experts):
         where = spec.where("experts", i)
         if e.kind == "lora":
-            raise PlanError(f"{where}: expert '{e.name}': LoRA experts cannot be composed yet")
-        cfg = json.loads((e.path / "config.json").read_text())
-        for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            if cfg.get(k) != base_config.get(k):
-                raise PlanError(
-                    f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
-                    f"{base_config.get(k)!r}"
-                )
+            check_lora_expert(e.path, e.name, shapes, ffn_only, where)
+        else:
+            _check_full_expert(where, e, base_config)
         if init in ("domain_embedding", "trained") and not (e.path / EXPERT_FILE).is_file():
             raise PlanError(
                 f"{where}: expert '{e.name}' has no {EXPERT_FILE} (router init "
                 f"{init!r} needs its domain embedding / router row)"
+            )
+
+
+def _check_shared(spec: Spec, experts: list[ResolvedInput], base_config: dict[str, Any]) -> None:
+    """`lora: shared` stores one base FFN and each expert's factors: only LoRA experts on a
+    Llama base in a FlexOlmo composition (the public expert is the base FFN itself)."""
+    where = spec.where("lora")
+    if spec.style != "flexolmo":
+        raise PlanError(
+            f"{where}: 'shared' needs style flexolmo (BTX averages the experts' weights, which a "
+            "shared base FFN cannot express); use lora: materialised"
+        )
+    if base_config.get("model_type") != "llama":
+        raise PlanError(
+            f"{where}: 'shared' supports Llama bases (ComposerLoraMoeForCausalLM); the base is "
+            f"{base_config.get('model_type')!r}; use lora: materialised"
+        )
+    if spec.router.tune is not None:
+        raise PlanError(
+            f"{spec.where('router', 'tune')}: router tuning is not available with lora: shared "
+            "yet; tune a materialised build, or give the tuned rows as router.weights"
+        )
+    for i, e in enumerate(experts):
+        if e.kind != "lora":
+            raise PlanError(
+                f"{spec.where('experts', i)}: expert '{e.name}' is a full checkpoint "
+                f"({e.kind}); lora: shared stores low-rank deltas only, so every expert must be "
+                "a LoRA adapter; use lora: materialised to mix full and LoRA experts"
+            )
+
+
+def _check_full_expert(where: str, e: ResolvedInput, base_config: dict[str, Any]) -> None:
+    cfg = json.loads((e.path / "config.json").read_text())
+    for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if cfg.get(k) != base_config.get(k):
+            raise PlanError(
+                f"{where}: expert '{e.name}': {k} is {cfg.get(k)!r}, the base has "
+                f"{base_config.get(k)!r}"
             )
 
 
@@ -253,6 +308,15 @@ def _steps(plan: Plan) -> list[Step]:
     if init in ("hidden_mean",) or spec.router.gating_logit_norm or spec.router.public_calibration:
         steps.append(Step("calibrate", "FFN inputs of the base model on calibration text"))
     steps.append(Step("router", f"init {init!r} for {n_moe} MoE layers"))
+    n_lora = sum(e.kind == "lora" for e in plan.experts)
+    if n_lora and plan.lora == "shared":
+        steps.append(
+            Step("lora", f"{n_lora} LoRA experts kept as factors beside one base FFN per layer")
+        )
+    elif n_lora:
+        steps.append(
+            Step("lora", f"{n_lora} LoRA experts materialised: FFN = base + scale * B @ A")
+        )
     steps.append(
         Step(
             "write",
@@ -287,6 +351,16 @@ def _notes(plan: Plan) -> list[str]:
             "no router.public_calibration: the public expert's router row is zero "
             "(logit 0 for every token)"
         )
+    for e in plan.experts:
+        if e.kind != "lora":
+            continue
+        layers = {layer_of(w) for w in adapter_targets(e.path)}
+        unused = sorted(i for i in layers if i is not None and i not in plan.moe_layers)
+        if unused:
+            notes.append(
+                f"LoRA expert '{e.name}' adapts layers {ranges(unused)} (not MoE layers): those "
+                "deltas are not used; dense layers keep the public FFN"
+            )
     if plan.dense_layers:
         notes.append(
             f"layers {ranges(plan.dense_layers)} have no experts: every expert there is a copy "

@@ -11,10 +11,13 @@ Folders under the session root (refs in the specs are relative to it, see build_
   make_beacon), so a router row on that dimension picks one expert for every token
 - tied: a Llama with tied embeddings
 - cal/: short calibration texts (one sequence each)
+- lcode, llegal, lattn (fixture `loras`): PEFT LoRA adapters of base with expert files, each
+  with a *_full twin (the full checkpoint it stands for)
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,9 @@ import torch
 from build_helpers import BEACON_DIM, CAL_TEXT, beacon_row, make_beacon, write_expert_file
 from safetensors.torch import load_file, save_file
 
-from composer.tiny_models import make_tiny_llama, make_tiny_olmo2, perturb_ffn
+from composer.compose.lora_inputs import read_factors
+from composer.tiny_models import make_tiny_llama, make_tiny_lora, make_tiny_olmo2, perturb_ffn
+from merge.lora import apply_lora
 
 # Tiny models run fastest on one thread, and the machine's 2 cores are shared.
 torch.set_num_threads(1)
@@ -71,3 +76,32 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, text in CAL_TEXT.items():
         (cal / f"{name}.txt").write_text(text)
     return root
+
+
+def _full_twin(base: Path, adapter: Path, out: Path) -> Path:
+    """The full checkpoint an adapter stands for (apply_lora, checked equal to PEFT elsewhere),
+    with the adapter's composer_expert.safetensors."""
+    out.mkdir()
+    sd = apply_lora(load_file(base / "model.safetensors"), read_factors(adapter))
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(base / "config.json", out / "config.json")
+    if (adapter / "composer_expert.safetensors").is_file():
+        shutil.copy(adapter / "composer_expert.safetensors", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loras(models: Path) -> Path:
+    """LoRA experts beside the session's tiny models (refs in specs are relative to `models`):
+    lcode (all FFN projections, rank 4), llegal (up/down, rank 8, rsLoRA), lattn (q_proj and
+    up_proj), each with a *_full twin."""
+    base = models / "base"
+    make_tiny_lora(base, models / "lcode", seed=31, rank=4)
+    make_tiny_lora(
+        base, models / "llegal", seed=32, rank=8, targets=("up_proj", "down_proj"), use_rslora=True
+    )
+    make_tiny_lora(base, models / "lattn", seed=33, rank=4, targets=("q_proj", "up_proj"))
+    for i, name in enumerate(("lcode", "llegal", "lattn")):
+        write_expert_file(models / name, layers=[0, 1], seed=40 + i, bias=-0.3 * (i + 1))
+        _full_twin(base, models / name, models / f"{name}_full")
+    return models

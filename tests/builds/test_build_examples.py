@@ -106,3 +106,41 @@ def test_btx_example(tmp_path: Path, resolver: MappedResolver) -> None:
     assert cfg["composer_experts"] == ["code", "legal", "manuals"]
     assert cfg["num_local_experts"] == 3 and cfg["num_experts_per_tok"] == 2
     load_model(res.out_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_resolver(loras: Path, resolver: MappedResolver) -> MappedResolver:
+    return MappedResolver(
+        {
+            **resolver.folders,
+            "code-lora": loras / "lcode",
+            "legal-lora": loras / "llegal",
+            "manuals-lora": loras / "lcode",  # one more FFN adapter (same factors, own name)
+        }
+    )
+
+
+def test_lora_examples(tmp_path: Path, lora_resolver: MappedResolver) -> None:
+    """lora_materialised mixes a full and LoRA experts into a Mixtral; lora_shared computes what
+    the same spec materialised computes."""
+    import models  # noqa: F401  (registers ComposerLoraMoeForCausalLM)
+    from router_train.biased_router import load_composed
+
+    spec = load_spec(EXAMPLES / "lora_materialised.yaml")
+    res = build(spec, tmp_path / "mat", lora_resolver, progress=False)
+    cfg = config(res.out_dir)
+    assert cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["composer_experts"] == ["public", "code", "legal-lora", "manuals-lora"]
+    man = json.loads((res.out_dir / "composition.json").read_text())
+    assert [e["kind"] for e in man["experts"]][2:] == ["lora", "lora"]
+    load_model(res.out_dir)
+
+    spec = load_spec(EXAMPLES / "lora_shared.yaml")
+    shared = build(spec, tmp_path / "shared", lora_resolver, progress=False).out_dir
+    assert config(shared)["architectures"] == ["ComposerLoraMoeForCausalLM"]
+    twin = spec.model_copy(update={"lora": "materialised", "name": "twin"})
+    mat = build(twin, tmp_path / "twin", lora_resolver, progress=False).out_dir
+    with torch.no_grad():
+        want = load_composed(mat)(IDS).logits
+        got = load_model(shared)(IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5)

@@ -197,7 +197,15 @@ def test_spec_hash_ignores_comments_and_layout() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["upcycle.yaml", "upcycle_hidden_mean.yaml", "flexmix.yaml", "btx.yaml"]
+    "name",
+    [
+        "upcycle.yaml",
+        "upcycle_hidden_mean.yaml",
+        "flexmix.yaml",
+        "btx.yaml",
+        "lora_materialised.yaml",
+        "lora_shared.yaml",
+    ],
 )
 def test_examples_are_valid(name: str) -> None:
     spec = load_spec(EXAMPLES / name)

@@ -20,3 +20,15 @@ def test_register_overrides_the_composed_architectures_idempotently() -> None:
     for arch in ("MixtralForCausalLM", "FlexOlmoForCausalLM"):
         cls = ModelRegistry._try_load_model_cls(arch)
         assert cls is not None and cls.__name__ == f"Masked{arch}", arch
+
+
+def test_register_adds_the_lora_moe_architecture_and_its_config() -> None:
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from serve.vllm_plugin import register
+
+    register()
+    cls = ModelRegistry._try_load_model_cls("ComposerLoraMoeForCausalLM")
+    assert cls is not None and cls.__module__ == "serve.lora_moe"
+    assert AutoConfig.for_model("composer_lora_moe").model_type == "composer_lora_moe"
