@@ -24,6 +24,8 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # The raylet registers within 30 s by default; on a loaded 2-core machine it took longer.
     "RAY_raylet_start_wait_time_s": "180",
+    # ... and the raylet's wait for the dashboard agent's ports (its crash under load).
+    "RAY_agent_register_timeout_ms": "300000",
 }
 
 
