@@ -62,7 +62,8 @@ def one(inputs: Path, name: str, mode: str, out: Path) -> dict[str, object]:
         from composer.distributed.ray_exec import RayExecutor
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=int(mode[4:]), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=int(mode[4:]), include_dashboard=False,
+                 log_to_driver=False)  # fmt: skip
         executor = RayExecutor()
         start_s = time.perf_counter() - t0
     t0 = time.perf_counter()

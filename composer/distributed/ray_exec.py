@@ -71,8 +71,9 @@ class RayStats:
 class RayExecutor:
     """Runs jobs as Ray tasks on the cluster at ``address``.
 
-    ``address`` None: RAY_ADDRESS if set, else a new local cluster that ``close`` stops. A
-    process already connected (``ray.is_initialized()``) keeps its connection.
+    ``address`` None: RAY_ADDRESS if set, else the cluster last started on this machine with
+    ``ray start``, else a new local cluster that ``close`` stops (Ray's own rules). A process
+    already connected (``ray.is_initialized()``) keeps its connection.
     """
 
     remote = True

@@ -156,8 +156,8 @@ def run_sweep(
     """Every candidate's row (label, overrides, ok, perplexity or error), in sweep order."""
     if out.exists() and any(out.iterdir()):
         raise SweepError(f"--out {out}: exists and is not empty")
-    (out / "candidates").mkdir(parents=True, exist_ok=True)
     jobs, failed = plan_candidates(sweep, out, resolver)
+    (out / "candidates").mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = dict(failed)
     run = (executor or LocalExecutor()).map(run_candidate, jobs, return_exceptions=True)
     with bar(len(sweep.candidates), "sweep", progress, unit="candidate") as b:

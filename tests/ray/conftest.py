@@ -49,7 +49,8 @@ def ray_cluster() -> Iterator[str]:
     if ray.is_initialized():
         ray.shutdown()
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a new cluster even when another one on this machine is the latest started.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         address = str(ray.get_runtime_context().gcs_address)
     finally:
         started = psutil.Process().children(recursive=True)
