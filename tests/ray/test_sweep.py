@@ -16,7 +16,7 @@ import yaml
 from composer.distributed.ray_exec import RayExecutor
 from composer.eval.data import domain_chunks, parse_data_args
 from composer.inputs import LocalPathResolver
-from composer.sweep.report import write_report
+from composer.sweep.report import table, write_report
 from composer.sweep.run import run_sweep
 from composer.sweep.spec import SweepError, load_sweep
 from composer.text import ByteTokenizer
@@ -91,6 +91,9 @@ def test_sweep_on_ray(ray_cluster: str, models: Path, tmp_path: Path) -> None:
     for k, v in wanted.items():
         assert spec["parameters"][k.split(".")[1]] == v
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = table(rows, "mean_perplexity", best).splitlines()
+    assert lines[1 + int(best["label"][1:])].startswith("*")
+    assert "FAILED: " in lines[4] and "parameters.density" in lines[4]
     doc = json.loads((out / "results.json").read_text())
     assert [c["ok"] for c in doc["candidates"]] == [True, True, True, False]
 
