@@ -5,9 +5,6 @@ paths refused before anything runs, naming the line and the field."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,6 @@ from composer.sweep.spec import SweepError, load_sweep
 from composer.text import ByteTokenizer
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from composer.train.evaluate import perplexity
-
-REPO = Path(__file__).resolve().parents[2]
 
 BASE = """\
 method: merge
@@ -128,12 +123,15 @@ def test_grid_expands_every_combination(models: Path) -> None:
 
 
 def test_cli_sweep_bad_file_exits_2(models: Path, tmp_path: Path) -> None:
+    """The real typer app, in process (a subprocess would spend seconds importing torch)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
     path = models / "bad-cli.yaml"
     path.write_text("base: ties.yaml\ncandidates:\n  - {parameters.density: 0.5, topk: 3}\n"
                     "eval:\n  data: {code: held/code.txt}\n")  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COMPOSER_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "cli.main", "sweep", str(path), "--out", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert f"{path}:3: candidates[0].topk: unknown field" in proc.stderr
+    result = CliRunner().invoke(app, ["sweep", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert f"{path}:3: candidates[0].topk: unknown field" in result.output.replace("\n", "")
     assert not (tmp_path / "o").exists()
