@@ -3,7 +3,7 @@ bytes as the local build (sha256 of every output file), and the work really ran 
 
 Inputs are tiny (composer.tiny_models: hidden 128, 2 layers): a Llama base, two FlexOlmo-style
 experts (FFN perturbed), two full fine-tunes (BTX averages every shared tensor) and a 4-expert
-Mixtral (moe_merge).
+Mixtral (moe_merge: uniform, and M-SMoE with routing statistics from calibration text).
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ output: {dtype: float32}
 method: moe_merge
 base: moe
 parameters: {method: uniform, num_experts: 2}
+""",
+    "m_smoe": """\
+method: moe_merge
+base: moe
+parameters: {method: m_smoe, num_experts: 2, calibration: [cal.txt], seq_len: 16,
+             max_calibration_tokens: 64, align: true}
 """,
     "flexolmo": """\
 method: compose
@@ -80,6 +86,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
                         num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
     MixtralForCausalLM(cfg).save_pretrained(root / "moe")
+    (root / "cal.txt").write_text("def add(a, b):\n    return a + b\n" * 8)
     for name, text in SPECS.items():
         (root / f"{name}.yaml").write_text(text)
     return root
@@ -112,7 +119,7 @@ def test_ray_build_is_byte_identical(
     # moe_merge), and at least every merged byte of the weights came back to the driver.
     index = json.loads((tmp_path / "ray" / "model.safetensors.index.json").read_text())
     assert executor.stats.tasks > 0
-    if name == "moe_merge":
+    if name in ("moe_merge", "m_smoe"):  # M-SMoE: the routing statistics travel in the job
         assert executor.stats.tasks == 2  # two MoE blocks
     else:
         assert executor.stats.tasks <= len(index["weight_map"])
