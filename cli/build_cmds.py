@@ -50,6 +50,19 @@ def build(
     seed: Annotated[int | None, typer.Option("--seed", help="Overrides the spec's seed.")] = None,
     record: Annotated[bool, typer.Option(help="Record the build in the registry.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+    ray: Annotated[
+        bool,
+        typer.Option(
+            "--ray",
+            help="Run the per-tensor / per-layer work as Ray tasks: on the cluster at "
+            "$RAY_ADDRESS, else on a new local one (stopped at the end). Inputs and output must "
+            "be on storage every node sees. Same bytes as a local build (docs/ray.md).",
+        ),
+    ] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", metavar="ADDR", help="The Ray cluster (implies --ray)."),
+    ] = None,
 ) -> None:
     """Build a standard Hugging Face checkpoint from a composition spec."""
     from composer.build import build as run_build
@@ -66,7 +79,14 @@ def build(
             console.print(str(plan), markup=False, highlight=False)
         return
     out_dir = out or Path("out") / (spec.name or spec_path.stem)
-    result = run_build(spec, out_dir, resolver, seed=seed, progress=not json_out)
+    executor = ray_executor(ray, ray_address)
+    try:
+        result = run_build(
+            spec, out_dir, resolver, seed=seed, progress=not json_out, executor=executor
+        )
+    finally:
+        if executor is not None:
+            executor.close()
     build_id = None
     if record and service is not None:
         build_id = service.record_build(
@@ -81,7 +101,7 @@ def build(
             wall_s=result.wall_s,
             peak_rss_bytes=result.peak_rss_bytes,
         )
-    doc = {
+    doc: dict[str, Any] = {
         "build_id": build_id,
         "out_dir": str(result.out_dir),
         "spec_sha256": result.spec_sha256,
@@ -89,6 +109,8 @@ def build(
         "wall_s": round(result.wall_s, 3),
         "peak_rss_bytes": result.peak_rss_bytes,
     }
+    if executor is not None:
+        doc["ray"] = {"address": executor.address, **vars(executor.stats)}
     if json_out:
         print_json(doc)
     else:
@@ -97,6 +119,15 @@ def build(
             f"(peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)"
             + (f"; registry build #{build_id}" if build_id else "")
         )
+
+
+def ray_executor(ray: bool, address: str | None) -> Any:
+    """A RayExecutor when ``--ray`` / ``--ray-address`` ask for one (ray imported only then)."""
+    if not ray and not address:
+        return None
+    from composer.distributed.ray_exec import RayExecutor
+
+    return RayExecutor(address)
 
 
 def _input_doc(i: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from cli.eval_cmds import eval_
 from cli.expert_cmds import expert_app
 from cli.registry_cmds import keys_app, registry_app
 from cli.serve_cmds import serve
+from cli.sweep_cmds import sweep
 
 app = typer.Typer(
     help="Composer: declarative composition of modular experts.",
@@ -20,6 +21,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(expert_app, name="expert")
 app.command("build")(build)
 app.command("eval")(eval_)
+app.command("sweep")(sweep)
 app.command("serve", context_settings={"allow_extra_args": True})(serve)
 
 

@@ -25,6 +25,7 @@ from composer.merging.execute import execute as execute_merge
 from composer.merging.plan import plan_merge
 from composer.plan import BuildPlan, Written
 from composer.spec import Spec
+from composer.tensor_jobs import TensorExecutor
 from composer.writer import TOKENIZER_FILES, atomic_dir, new_output_path, peak_rss
 from registry.composition import COMPOSITION_FILE
 
@@ -32,7 +33,8 @@ from registry.composition import COMPOSITION_FILE
 @dataclass(frozen=True)
 class BuildMethod:
     plan: Callable[[Spec, Resolver], Any]  # -> a BuildPlan; reads no weights
-    execute: Callable[[Any, Path, int, bool], Written]  # (plan, tmp, seed, progress)
+    # (plan, tmp, seed, progress, executor): the executor runs the tensor work (tensor_jobs)
+    execute: Callable[[Any, Path, int, bool, TensorExecutor | None], Written]
 
 
 # spec.method -> how it is planned and executed.
@@ -77,8 +79,11 @@ def build(
     *,
     seed: int | None = None,
     progress: bool = True,
+    executor: TensorExecutor | None = None,
 ) -> BuildResult:
-    """Build ``spec`` into ``out_dir`` (which must not exist) atomically."""
+    """Build ``spec`` into ``out_dir`` (which must not exist) atomically; ``executor`` (e.g.
+    composer.distributed.ray_exec.RayExecutor) runs the per-tensor and per-layer work, the
+    default runs it here. Either way the files are the same bytes."""
     t0 = time.perf_counter()
     method = method_of(spec)
     out = new_output_path(out_dir)
@@ -86,7 +91,7 @@ def build(
     seed = spec.seed if seed is None else seed
     with atomic_dir(out) as tmp:
         copy_tokenizer(plan.base.path, tmp)
-        written = method.execute(plan, tmp, seed, progress)
+        written = method.execute(plan, tmp, seed, progress, executor)
         write_manifest(tmp / COMPOSITION_FILE, written.manifest)
     return BuildResult(
         out_dir=out,

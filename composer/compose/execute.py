@@ -15,11 +15,19 @@ from composer.compose.arch import moe_config
 from composer.compose.lora_inputs import open_expert
 from composer.compose.lora_shared import build_shared_recipe, config_extra
 from composer.compose.plan import PUBLIC_EXPERT, Plan
-from composer.compose.recipe import build_recipe, out_dtype, verify_anchors, verify_shapes
+from composer.compose.recipe import (
+    build_recipe,
+    out_dtype,
+    produce,
+    verify_anchors,
+    verify_shapes,
+)
 from composer.compose.routers import compute_routers
+from composer.errors import BuildError
 from composer.manifest import input_record, library_versions
 from composer.plan import Written
 from composer.progress import bar
+from composer.tensor_jobs import LocalExecutor, TensorExecutor, inputs_by_path
 from composer.writer import ShardWriter, overwrite_tensors, partition, write_small
 from registry.composition import COMPOSITION_FORMAT
 from router_train.bias_file import (
@@ -30,13 +38,29 @@ from router_train.bias_file import (
 )
 
 
-def execute(plan: Plan, tmp: Path, seed: int, progress: bool) -> Written:
-    """Write the composed checkpoint into ``tmp`` (the tokenizer files are there already)."""
+def execute(
+    plan: Plan,
+    tmp: Path,
+    seed: int,
+    progress: bool,
+    executor: TensorExecutor | None = None,
+) -> Written:
+    """Write the composed checkpoint into ``tmp`` (the tokenizer files are there already);
+    ``executor`` makes the tensors (default: here, in order)."""
+    if executor is not None and executor.remote and any(e.kind == "lora" for e in plan.experts):
+        # Ray tasks open inputs by path as full checkpoints; an adapter is base + B @ A.
+        raise BuildError(
+            "--ray: compose with LoRA experts runs on one machine for now "
+            f"(expert '{next(e.name for e in plan.experts if e.kind == 'lora')}' is an adapter); "
+            "build without --ray"
+        )
     opened: list[Any] = []  # Checkpoint, or LoraExpert over the base
     try:
         opened.append(Checkpoint(plan.base.path))
         opened += [open_expert(e.kind, e.path, opened[0]) for e in plan.experts]
-        files, extras, tuning = _write(plan, opened[0], opened[1:], tmp, seed, progress)
+        files, extras, tuning = _write(
+            plan, opened[0], opened[1:], tmp, seed, progress, executor or LocalExecutor()
+        )
     finally:
         for ck in opened:
             ck.close()
@@ -44,7 +68,13 @@ def execute(plan: Plan, tmp: Path, seed: int, progress: bool) -> Written:
 
 
 def _write(
-    plan: Plan, base: Checkpoint, experts: list[Checkpoint], tmp: Path, seed: int, progress: bool
+    plan: Plan,
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    tmp: Path,
+    seed: int,
+    progress: bool,
+    executor: TensorExecutor,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, Any] | None]:
     named = dict(zip((e.name for e in plan.experts), experts, strict=True))
     check = verify_anchors if plan.method == "compose/flexolmo" else verify_shapes
@@ -64,7 +94,7 @@ def _write(
     writer = ShardWriter(tmp, partition(recipe.groups, plan.max_shard_bytes))
     n_tensors = sum(len(g) for g in recipe.groups)
     with bar(n_tensors, f"write {plan.arch.architecture}", progress) as b:
-        for name, tensor in recipe.produce():
+        for name, tensor in produce(recipe, executor, inputs_by_path(base, *experts)):
             writer.write(name, tensor)
             b.update(1)
     files = writer.close()

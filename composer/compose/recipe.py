@@ -1,12 +1,14 @@
 """From a plan to tensors: the output layout and a generator that streams each output tensor.
 
-Every output tensor is produced from at most one layer's worth of input tensors and handed to the
-writer at once, so memory stays near one layer (BTX averages one tensor at a time).
+Every output tensor is one job (composer.tensor_jobs): read from one input, a weighted average of
+the experts' (BTX), or a router computed beforehand; an executor runs the jobs here or as Ray
+tasks and the writer takes the tensors in layout order, so memory stays near one tensor (plus
+the tasks in flight on Ray).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +17,7 @@ from composer.checkpoint import TORCH_DTYPES, Checkpoint, SafetensorsFile
 from composer.compose.arch import PROJS, dense_ffn_key
 from composer.compose.plan import Plan
 from composer.errors import AnchorMismatchError, PlanError
+from composer.tensor_jobs import OpenCheckpoint, TensorExecutor
 from composer.writer import TensorSpec
 from registry.checkpoint import EXPERT_FILE
 from registry.tensor_names import is_ffn, layer_of
@@ -23,7 +26,8 @@ from registry.tensor_names import is_ffn, layer_of
 @dataclass
 class Recipe:
     groups: list[list[TensorSpec]]
-    produce: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    jobs: list[SourceJob]  # in the order their first output is written
+    outputs: list[tuple[str, int]]  # (output tensor, index into jobs), in layout order
     routers: dict[int, torch.Tensor]  # MoE layer -> [E, hidden] float32
     router_bias: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] float32
 
@@ -111,6 +115,34 @@ def expert_router_rows(
 # ------------------------------------------------------------------------------ layout + data
 
 
+@dataclass(frozen=True)
+class SourceJob:
+    """How one output tensor is made from the inputs (picklable: names and paths, no weights,
+    except a router, which is computed before any job runs)."""
+
+    name: str  # input tensor name
+    paths: tuple[str, ...]  # one checkpoint: read it; several: the weighted average
+    dtype: torch.dtype
+    weights: tuple[float, ...] = ()  # normalised weights of an average
+    scale: float = 1.0  # dense layers of FlexOlmo without renormalisation (down_proj)
+    value: torch.Tensor | None = None  # a router, already computed
+
+
+def run_source_job(job: SourceJob, open_checkpoint: OpenCheckpoint) -> torch.Tensor:
+    """One output tensor (runs on the driver, or in a Ray task: composer.tensor_jobs)."""
+    if job.value is not None:
+        t = job.value
+    elif not job.weights:
+        t = open_checkpoint(job.paths[0]).read(job.name)
+    else:
+        t = torch.zeros(open_checkpoint(job.paths[0]).meta(job.name)[1], dtype=torch.float32)
+        for w, p in zip(job.weights, job.paths, strict=True):
+            t.add_(open_checkpoint(p).read(job.name).float(), alpha=w)
+    if job.scale != 1.0:
+        t = t.float() * job.scale
+    return t.to(job.dtype)
+
+
 def build_recipe(
     plan: Plan,
     base: Checkpoint,
@@ -131,6 +163,7 @@ def build_recipe(
     # FlexOlmo without renormalisation scales identical experts by the sum of the top-k
     # probabilities; with a zero router that sum is exactly top_k / E, so dense layers undo it.
     dense_scale = 1.0 if plan.norm_topk_prob else n_exp / plan.top_k
+    b_path, e_paths = str(base.path), tuple(str(ck.path) for ck in experts)
 
     def spec_of(name: str) -> TensorSpec:
         return TensorSpec(name, base.meta(name)[1], dtype)
@@ -144,46 +177,67 @@ def build_recipe(
                 g.append(TensorSpec(arch.expert_key(i, e, p), ffn_shape[p], dtype))
         groups.append(g)
 
-    def average(name: str) -> torch.Tensor:
-        acc = torch.zeros(base.meta(name)[1], dtype=torch.float32)
-        for w, ck in zip(weights, experts, strict=True):
-            acc.add_(ck.read(name).float(), alpha=w / total_w)
-        return acc
+    def average(name: str, scale: float = 1.0) -> SourceJob:
+        w = tuple(x / total_w for x in weights)
+        return SourceJob(name, e_paths, dtype, weights=w, scale=scale)
 
-    def shared(name: str) -> torch.Tensor:
-        return average(name) if btx else base.read(name)
+    def shared(name: str) -> SourceJob:
+        return average(name) if btx else SourceJob(name, (b_path,), dtype)
 
-    def expert_ffn(layer: int, e: int, proj: str) -> torch.Tensor:
+    def expert_ffn(layer: int, e: int, proj: str) -> SourceJob:
         key = dense_ffn_key(layer, proj)
-        if plan.method == "upcycle":
-            return base.read(key)
-        if plan.method == "compose/flexolmo":
-            return base.read(key) if e == 0 else experts[e - 1].read(key)
-        return experts[e].read(key)
+        if plan.method == "upcycle" or (plan.method == "compose/flexolmo" and e == 0):
+            return SourceJob(key, (b_path,), dtype)
+        return SourceJob(key, (e_paths[e - 1 if plan.method == "compose/flexolmo" else e],), dtype)
 
-    def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        for k in glob:
-            yield k, shared(k).to(dtype)
-        for i in range(base.num_layers):
-            for k in per_layer[i]:
-                yield k, shared(k).to(dtype)
-            moe = i in routers
-            router = routers[i] if moe else torch.zeros(n_exp, hidden)
-            yield arch.router_key(i), router.to(dtype)
-            if moe:
-                for e in range(n_exp):
-                    for p in PROJS:
-                        yield arch.expert_key(i, e, p), expert_ffn(i, e, p).to(dtype)
-            else:
-                dense = {
-                    p: (average(dense_ffn_key(i, p)) if btx else base.read(dense_ffn_key(i, p)))
-                    for p in PROJS
-                }
-                if dense_scale != 1.0:
-                    dense["down"] = dense["down"].float() * dense_scale
-                dense = {p: t.to(dtype) for p, t in dense.items()}
-                for e in range(n_exp):
-                    for p in PROJS:
-                        yield arch.expert_key(i, e, p), dense[p]
+    jobs: list[SourceJob] = []
+    outputs: list[tuple[str, int]] = []  # output tensor -> index of the job that makes it
 
-    return Recipe(groups=groups, produce=produce, routers=routers, router_bias=router_bias)
+    def add(name: str, job: SourceJob) -> int:
+        jobs.append(job)
+        outputs.append((name, len(jobs) - 1))
+        return len(jobs) - 1
+
+    for k in glob:
+        add(k, shared(k))
+    for i in range(base.num_layers):
+        for k in per_layer[i]:
+            add(k, shared(k))
+        moe = i in routers
+        router = routers[i] if moe else torch.zeros(n_exp, hidden)
+        add(arch.router_key(i), SourceJob(arch.router_key(i), (), dtype, value=router))
+        if moe:
+            for e in range(n_exp):
+                for p in PROJS:
+                    add(arch.expert_key(i, e, p), expert_ffn(i, e, p))
+            continue
+        # A dense layer: every expert is the same FFN, made once and written E times.
+        made: dict[str, int] = {}
+        for p in PROJS:
+            key, scale = dense_ffn_key(i, p), (dense_scale if p == "down" else 1.0)
+            job = average(key, scale) if btx else SourceJob(key, (b_path,), dtype, scale=scale)
+            made[p] = add(arch.expert_key(i, 0, p), job)
+        for e in range(1, n_exp):
+            for p in PROJS:
+                outputs.append((arch.expert_key(i, e, p), made[p]))
+
+    return Recipe(
+        groups=groups, jobs=jobs, outputs=outputs, routers=routers, router_bias=router_bias
+    )
+
+
+def produce(
+    recipe: Recipe, executor: TensorExecutor, inputs: dict[str, Checkpoint]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every output tensor in layout order, made by ``executor`` (a job's result is kept only
+    until its last output is written: the dense layers' FFN, E times)."""
+    results = executor.map(run_source_job, recipe.jobs, inputs)
+    last_use = {j: n for n, (_, j) in enumerate(recipe.outputs)}
+    have: dict[int, torch.Tensor] = {}
+    fetched = 0
+    for n, (name, j) in enumerate(recipe.outputs):
+        while j not in have:
+            have[fetched] = next(results)
+            fetched += 1
+        t = have[j] if last_use[j] > n else have.pop(j)
+        yield name, t

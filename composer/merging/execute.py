@@ -16,16 +16,24 @@ from composer.merging.moe import run_moe_merge
 from composer.merging.params import MoeMergeSettings
 from composer.merging.plan import MergePlan, open_inputs
 from composer.plan import Written
+from composer.tensor_jobs import TensorExecutor
 from merge.errors import MergeError
 from registry.composition import COMPOSITION_FORMAT
 
 
-def execute(plan: MergePlan, tmp: Path, seed: int, progress: bool) -> Written:
+def execute(
+    plan: MergePlan,
+    tmp: Path,
+    seed: int,
+    progress: bool,
+    executor: TensorExecutor | None = None,
+) -> Written:
     """Write the merged checkpoint into ``tmp``; a MergeError becomes a BuildError naming the
-    method."""
+    method. ``executor`` runs the per-tensor (dense) and per-layer (moe_merge) work; calibrated
+    merges learn from whole-model forward passes and always run here."""
     try:
         with open_inputs(plan) as (base, experts):
-            files, config, extra = _run(plan, base, experts, tmp, seed, progress)
+            files, config, extra = _run(plan, base, experts, tmp, seed, progress, executor)
     except MergeError as exc:
         raise BuildError(f"{plan.method}: {exc}") from exc
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -41,7 +49,13 @@ def _effective_params(plan: MergePlan, seed: int) -> Any:
 
 
 def _run(
-    plan: MergePlan, base: Any, experts: list[Any], tmp: Path, seed: int, progress: bool
+    plan: MergePlan,
+    base: Any,
+    experts: list[Any],
+    tmp: Path,
+    seed: int,
+    progress: bool,
+    executor: TensorExecutor | None,
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     params = _effective_params(plan, seed)
     s = plan.settings
@@ -51,11 +65,13 @@ def _run(
         config["dtype"] = plan.dtype
         config.pop("torch_dtype", None)
     if isinstance(s, MoeMergeSettings):
-        return run_moe_merge(plan, base, s, params, tmp, config, progress)
+        return run_moe_merge(plan, base, s, params, tmp, config, progress, executor)
     if s.calibrated:
         files, extra = run_calibrated(plan, base, experts, names, s, params, tmp, progress)
     else:
-        files = run_dense(plan, base, experts, names, s.method, params, tmp, progress)
+        files = run_dense(
+            plan, base, experts, names, s.method, params, tmp, progress, executor=executor
+        )
         extra = {}
     return files, config, extra
 

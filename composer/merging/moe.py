@@ -5,6 +5,7 @@ MoE block at a time.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from composer.merging.calibrated import calibration_batches
 from composer.merging.layerwise import layerwise_model
 from composer.merging.streaming import RowReader, block_rows, group_tensors
 from composer.progress import bar
+from composer.tensor_jobs import LocalExecutor, OpenCheckpoint, TensorExecutor
 from composer.writer import ShardFiles, TensorSpec, partition
 from merge.errors import MergeError
 from merge.m_smoe import check_output_count, merge_layer
@@ -68,6 +70,32 @@ def _merged_block_metas(
         return [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
 
 
+@dataclass(frozen=True)
+class LayerJob:
+    """One MoE block to merge (picklable: a Ray task runs it as well; ``layer_fn`` carries the
+    routing statistics, computed once on the driver)."""
+
+    base: str
+    prefix: str
+    layout: Layout
+    idx: int
+    layer_fn: Any
+    compress: Any
+    dtypes: dict[str, torch.dtype]  # output tensor -> its dtype
+
+
+def merge_moe_layer(
+    job: LayerJob, open_checkpoint: OpenCheckpoint
+) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """One merged MoE block's output tensors (in the output dtype) and its expert groups."""
+    layer = read_moe_layer(open_checkpoint(job.base), job.prefix, job.layout)
+    merged = merge_layer(job.layer_fn, layer, job.idx, job.prefix, job.compress)
+    del layer
+    tensors = moe_layer_tensors(merged.layer, job.prefix, job.layout)
+    out = {k: t.to(job.dtypes[k]).contiguous() for k, t in tensors.items()}
+    return out, merged.groups
+
+
 def run_moe_merge(
     plan: MergePlan,
     base: Checkpoint,
@@ -76,12 +104,14 @@ def run_moe_merge(
     tmp: Path,
     config: dict[str, Any],
     progress: bool,
+    executor: TensorExecutor | None = None,
 ) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
     """M-SMoE (or uniform averaging) of a Mixtral checkpoint down to ``num_experts``.
 
     Streamed: routing statistics come from a model that holds one decoder layer at a time
     (composer.layerwise), then each MoE block is read, merged and written in turn, and every
-    other tensor is copied in blocks; memory stays near one layer plus the embeddings.
+    other tensor is copied in blocks; memory stays near one layer plus the embeddings. The
+    blocks are jobs of ``executor`` (composer.tensor_jobs): here in turn, or Ray tasks.
     """
     top_k = int(plan.base_config["num_experts_per_tok"])
     n_out = int(params.num_experts)  # type: ignore[attr-defined]
@@ -116,15 +146,18 @@ def run_moe_merge(
             for name in copied:
                 _copy_rows(files, base, spec_of[name])
                 progress_bar.update(1)
-            for idx, (prefix, layout) in prefixes.items():
-                layer = read_moe_layer(base, prefix, layout)
-                merged = merge_layer(layer_fn, layer, idx, prefix, compress)
-                del layer
-                for name, t in moe_layer_tensors(merged.layer, prefix, layout).items():
-                    files.write_rows(name, 0, t.to(spec_of[name].dtype).contiguous())
+            jobs = [
+                LayerJob(str(base.path), prefix, layout, idx, layer_fn, compress,
+                         {k: ts.dtype for k, ts in spec_of.items() if k.startswith(prefix + ".")})
+                for idx, (prefix, layout) in prefixes.items()
+            ]  # fmt: skip
+            run = (executor or LocalExecutor()).map(merge_moe_layer, jobs, {str(base.path): base})
+            for job, (tensors, layer_groups) in zip(jobs, run, strict=True):
+                for name, t in tensors.items():
+                    files.write_rows(name, 0, t)
                     progress_bar.update(1)
-                groups[idx] = merged.groups
-                del merged
+                groups[job.idx] = layer_groups
+                del tensors
                 trim_heap()
                 files.hash_ready()
     except BaseException:
