@@ -8,7 +8,6 @@ factors. Dense layers keep the base FFN under its Llama names. Streamed like rec
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from composer.checkpoint import Checkpoint
 from composer.compose.arch import PROJS, dense_ffn_key
 from composer.compose.lora_inputs import LoraExpert
 from composer.compose.plan import Plan
-from composer.compose.recipe import Recipe, out_dtype, shared_keys
+from composer.compose.recipe import Recipe, SourceJob, out_dtype, shared_keys
 from composer.writer import TensorSpec
 
 
@@ -79,26 +78,42 @@ def build_shared_recipe(
                     g.append(TensorSpec(_expert_key(i, e, p, "scale"), (), dtype))
         groups.append(g)
 
-    def produce() -> Iterator[tuple[str, torch.Tensor]]:
-        for k in glob:
-            yield k, base.read(k).to(dtype)
-        for i in range(base.num_layers):
-            for k in per_layer[i]:
-                yield k, base.read(k).to(dtype)
-            for p in PROJS:
-                yield dense_ffn_key(i, p), base.read(dense_ffn_key(i, p)).to(dtype)
-            if i not in ranks:
-                continue
-            yield f"model.layers.{i}.mlp.gate.weight", routers[i].to(dtype)
-            bias = router_bias.get(i, torch.zeros(n_exp))
-            yield f"model.layers.{i}.mlp.gate.bias", bias.float().reshape(n_exp).to(dtype)
-            for e, ex in enumerate(experts, start=1):
-                for p in PROJS:
-                    f = ex.factors.get(dense_ffn_key(i, p))
-                    if f is None:
-                        continue
-                    yield _expert_key(i, e, p, "lora_A"), f.a.to(dtype).contiguous()
-                    yield _expert_key(i, e, p, "lora_B"), f.b.to(dtype).contiguous()
-                    yield _expert_key(i, e, p, "scale"), torch.tensor(f.scale, dtype=dtype)
+    b_path = str(base.path)
+    jobs: list[SourceJob] = []
+    outputs: list[tuple[str, int]] = []
 
-    return Recipe(groups=groups, produce=produce, routers=routers, router_bias={})
+    def add(name: str, job: SourceJob) -> None:
+        jobs.append(job)
+        outputs.append((name, len(jobs) - 1))
+
+    def from_base(name: str) -> None:
+        add(name, SourceJob(name, (b_path,), dtype))
+
+    def value(name: str, t: torch.Tensor) -> None:  # routers and factors: small, made here
+        add(name, SourceJob(name, (), dtype, value=t))
+
+    for k in glob:
+        from_base(k)
+    for i in range(base.num_layers):
+        for k in per_layer[i]:
+            from_base(k)
+        for p in PROJS:
+            from_base(dense_ffn_key(i, p))
+        if i not in ranks:
+            continue
+        value(f"model.layers.{i}.mlp.gate.weight", routers[i])
+        value(
+            f"model.layers.{i}.mlp.gate.bias",
+            router_bias.get(i, torch.zeros(n_exp)).float().reshape(n_exp),
+        )
+        for e, ex in enumerate(experts, start=1):
+            for p in PROJS:
+                f = ex.factors.get(dense_ffn_key(i, p))
+                if f is None:
+                    continue
+                value(_expert_key(i, e, p, "lora_A"), f.a.contiguous())
+                value(_expert_key(i, e, p, "lora_B"), f.b.contiguous())
+                # float64 in, one rounding to the output dtype (as torch.tensor(scale, dtype))
+                value(_expert_key(i, e, p, "scale"), torch.tensor(f.scale, dtype=torch.float64))
+
+    return Recipe(groups=groups, jobs=jobs, outputs=outputs, routers=routers, router_bias={})
