@@ -30,17 +30,18 @@ def skipping_unadapted(op: Callable[..., Any]) -> Callable[..., Any]:
         output: torch.Tensor,
         indices: torch.Tensor,
         *args: Any,
+        **kwargs: Any,
     ) -> Any:
         dead = indices < 0
         if not bool(dead.any()):
-            return op(inputs, weights, output, indices, *args)
+            return op(inputs, weights, output, indices, *args, **kwargs)
         if dead.shape[0] != output.shape[0]:
             # Never guess which rows belong to whom: an adapter on the wrong row is the bug.
             raise RuntimeError(
                 f"LoRA op: {dead.shape[0]} token indices for {output.shape[0]} output rows"
             )
         kept = output[dead].clone()
-        result = op(inputs, weights, output, indices.clamp(min=0), *args)
+        result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
         output[dead] = kept
         return result
 

@@ -103,7 +103,7 @@ def test_cpu_lora_ops_leave_tokens_without_an_adapter_alone() -> None:
     mid = torch.zeros(3, 4)
     lora_ops.bgmv_shrink(x, a, mid, idx, 1.0)
     out = torch.ones(3, 8)
-    lora_ops.bgmv_expand(mid, b, out, idx, True)
+    lora_ops.bgmv_expand(mid, b, out, idx, add_inputs=True)  # as add_lora_logits calls it
     assert torch.equal(mid[0], torch.zeros(4)) and torch.equal(out[0], torch.ones(8))
     for row in (1, 2):
         want = torch.ones(8) + b[row - 1, 0] @ (a[row - 1, 0] @ x[row])
@@ -310,10 +310,10 @@ def test_header_and_field_together_are_refused(live: Live) -> None:
 
 @slow
 def test_an_opted_out_adapter_is_refused_within_the_refresh_interval(live: Live) -> None:
-    unknown = live.complete("plain", model="nosuch")
     live.service.set_policy("legal", owner="acme", policy="opt_out")
     try:
         live.wait_for(lambda: live.complete("plain", model="legal").status_code == 403)
+        unknown = live.complete("plain", model="nosuch")
         for key in ("plain", "full"):
             r = live.complete(key, model="legal")
             assert r.status_code == 403
