@@ -7,7 +7,8 @@ and -1 is the last adapter slot: in a batch that mixes base and adapter requests
 request ran whatever adapter sat in the last slot, an opted-out or restricted one included
 (found by tests/serve/test_adapters.py). `install()` wraps the three `bgmv_*` ops (the `sgmv_*`
 prefill ops call them) so that rows with a negative index are restored to what they were before
-the op: no adapter, as on GPU. Called by the vLLM plugin in every vLLM process.
+the op: no adapter, as on GPU; a step without any adapter skips the op. Called by the vLLM
+plugin in every vLLM process.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def skipping_unadapted(op: Callable[..., Any]) -> Callable[..., Any]:
             raise RuntimeError(
                 f"LoRA op: {dead.shape[0]} token indices for {output.shape[0]} output rows"
             )
+        if bool(dead.all()):
+            return None  # a batch without adapters: nothing to add (the ops return None)
         kept = output[dead].clone()
         result = op(inputs, weights, output, indices.clamp(min=0), *args, **kwargs)
         output[dead] = kept

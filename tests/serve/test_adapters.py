@@ -108,6 +108,9 @@ def test_cpu_lora_ops_leave_tokens_without_an_adapter_alone() -> None:
     for row in (1, 2):
         want = torch.ones(8) + b[row - 1, 0] @ (a[row - 1, 0] @ x[row])
         assert torch.allclose(out[row], want, atol=1e-5)
+    untouched = torch.full((3, 4), 7.0)
+    lora_ops.bgmv_shrink(x, a, untouched, torch.tensor([-1, -1, -1]), 1.0)
+    assert torch.equal(untouched, torch.full((3, 4), 7.0))
     sliced = torch.ones(3, 12)
     seq = torch.tensor([1, 2])  # prefill: request 0 (no adapter) 1 token, request 1 two tokens
     lora_ops.sgmv_expand_slice(
