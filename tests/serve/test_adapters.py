@@ -220,7 +220,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         "--port", str(port), "--api-keys", "on", "--policy-ttl", str(TTL),
         "--policy-max-staleness", str(MAX_STALENESS), "--", *VLLM_TEST_ARGS,
     ]  # fmt: skip
-    server = launch(cmd, port, root / "server.log", cli.env, timeout=300)
+    server = launch(cmd, port, root / "server.log", cli.env, timeout=600)
     try:
         reference = {n: greedy(folders["tiny"], None if n == "tiny" else folders[n]) for n in
                      ["tiny", *SERVED]}  # fmt: skip
