@@ -85,6 +85,13 @@ def serve(
             help="Seconds without a good policy read after which requests get 503 (fail closed)."
         ),
     ] = 30.0,
+    adapters: Annotated[
+        str | None,
+        typer.Option(
+            help="Registered LoRA adapters to serve on the dense base BUILD_OR_PATH (a folder or "
+            "a registered base), e.g. code,legal@2; a request picks one by `model` or `experts`."
+        ),
+    ] = None,
     vllm_args: Annotated[
         list[str] | None, typer.Argument(help="Extra vLLM server arguments, after `--`.")
     ] = None,
@@ -92,11 +99,18 @@ def serve(
     """Serve a composed model behind an OpenAI-compatible endpoint.
 
     Each request may choose experts with `"experts": {"include": [...]}` or `{"exclude": [...]}`;
-    experts whose owners opted out in the registry are never used.
+    experts whose owners opted out in the registry are never used. With --adapters, a request
+    runs the base or one adapter, under the same policies.
     """
     from serve.server import run_server
 
-    model_path, registry_url = resolve_model(target)
+    adapter_set = None
+    if adapters is not None:
+        from serve.adapters import serve_adapters
+
+        model_path, adapter_set, registry_url = serve_adapters(target, adapters, served_model_name)
+    else:
+        model_path, registry_url = resolve_model(target)
     if api_keys == "on" and registry_url is None:
         raise ComposerError("--api-keys on needs a registry (run `composer registry init`)")
     if registry_url is None:
@@ -115,4 +129,5 @@ def serve(
         policy_ttl=policy_ttl,
         policy_max_staleness=policy_max_staleness,
         extra_args=extra,
+        adapters=adapter_set,
     )

@@ -88,6 +88,46 @@ def select_experts(
     return allowed
 
 
+def select_adapter(
+    names: Sequence[str], request: ExpertsRequest, model: Any, permitted: set[str]
+) -> tuple[str]:
+    """The one slot of an adapter server (`names` = [base, *adapters]) a request runs on.
+
+    vLLM CPU applies one LoRA per request, so a request names at most one adapter: by `model`
+    (the adapter's name; the base's name or none means no adapter), or by `experts.include`
+    (or the X-Composer-Experts header). Naming the base (or nothing) runs the base. Two names,
+    or `model` and `experts` naming different ones, are a 400; `exclude` is refused, since
+    nothing is applied that a request does not name. The names go through `select_experts`,
+    so unknown and forbidden adapters get the same 403.
+    """
+    base = names[0]
+    if request.exclude is not None:
+        raise SelectionError(
+            400,
+            "field `experts`: exclude is not supported when serving adapters (a request runs "
+            "the base unless it names one adapter with include or `model`)",
+            field="experts",
+        )
+    asked = list(dict.fromkeys(request.include or []))
+    if request.include is not None and len(asked) != 1:
+        raise SelectionError(
+            400, "field `experts`: include exactly one adapter per request", field="experts"
+        )
+    if model is not None and not isinstance(model, str):
+        raise SelectionError(400, "field `model` must be a string", field="model")
+    if model is not None and model != base:
+        if asked and asked[0] != model:
+            raise SelectionError(
+                400,
+                "fields `model` and `experts` name different adapters: one adapter per request",
+                field="experts",
+            )
+        asked = [model]
+    if not asked:
+        return (base,)
+    return select_experts(names, ExpertsRequest(include=asked), permitted)  # type: ignore[return-value]
+
+
 def mask_indices(names: Sequence[str], allowed: Sequence[str]) -> list[int]:
     return [i for i, n in enumerate(names) if n in allowed]
 

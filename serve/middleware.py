@@ -8,6 +8,11 @@ the `x-composer-experts` header). Every POST body is size-capped, depth-checked 
 against the endpoint's allow-list (serve/request_fields.py) before vLLM sees it. vLLM loads it
 with `--middleware serve.middleware.ExpertsMiddleware`, so it is configured from the environment
 (see `ServeSettings`). docs/serving.md has the threat model.
+
+Serving a dense base with LoRA adapters (serve/adapters.py), the same code picks at most one
+adapter per request (`select_adapter`) and sets `model` to it, and GET /v1/models lists only the
+names the caller may use. Every generation request's decision is logged on the
+`composer.serve.audit` logger (key, path, status, experts or adapter used).
 """
 
 from __future__ import annotations
@@ -23,15 +28,19 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.keys import hash_key
 from registry.policy_snapshot import PolicySnapshot
+from serve.adapters import AdapterSet
 from serve.experts import (
     SelectionError,
+    cache_salt,
     engine_fields,
     parse_experts_field,
     parse_experts_header,
+    select_adapter,
     select_experts,
 )
 from serve.policy import PolicyRefresher, PolicyUnavailable, expert_names, load_bindings, permitted
 from serve.request_fields import FIELDS, MAX_DEPTH, check_fields, json_depth
+from serve.responses import HEADER, ModelsFilter, ReportingSend
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +49,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger("composer.serve")
+audit = logging.getLogger("composer.serve.audit")
 
 GENERATE_PATHS = {"/v1/completions", "/v1/chat/completions"}
 HEALTH_PATH = "/health"
@@ -47,7 +57,6 @@ OPEN_PATHS = {"/metrics", "/ping", "/version"}
 # Everything else vLLM offers (responses, messages, generate, ...) would run the model without
 # our mask, so it is not exposed: an allow-list keeps new vLLM endpoints closed too.
 KEYED_PATHS = set(FIELDS) | {"/v1/models"}
-HEADER = b"x-composer-experts"
 MAX_BODY = 1 << 20
 
 ENV_MODEL = "COMPOSER_SERVE_MODEL"
@@ -56,6 +65,7 @@ ENV_REGISTRY = "COMPOSER_SERVE_REGISTRY_URL"
 ENV_POLICY_TTL = "COMPOSER_SERVE_POLICY_TTL"
 ENV_POLICY_MAX_STALENESS = "COMPOSER_SERVE_POLICY_MAX_STALENESS"
 ENV_MOE_BACKEND = "COMPOSER_SERVE_MOE_BACKEND"
+ENV_ADAPTERS = "COMPOSER_SERVE_ADAPTERS"
 
 
 class ServeSettings(BaseModel):
@@ -67,6 +77,7 @@ class ServeSettings(BaseModel):
     policy_ttl: float = 2.0  # seconds between background policy reads
     policy_max_staleness: float = 30.0  # older policy is not used: 503 until a read succeeds
     moe_backend: str | None = None  # as chosen at start-up, reported by /health
+    adapters: str | None = None  # AdapterSet.to_json() when serving LoRA adapters on a base
 
     @classmethod
     def from_env(cls) -> ServeSettings:
@@ -77,6 +88,7 @@ class ServeSettings(BaseModel):
             policy_ttl=float(os.environ.get(ENV_POLICY_TTL, "2.0")),
             policy_max_staleness=float(os.environ.get(ENV_POLICY_MAX_STALENESS, "30.0")),
             moe_backend=os.environ.get(ENV_MOE_BACKEND) or None,
+            adapters=os.environ.get(ENV_ADAPTERS) or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -90,6 +102,8 @@ class ServeSettings(BaseModel):
             env[ENV_REGISTRY] = self.registry_url
         if self.moe_backend:
             env[ENV_MOE_BACKEND] = self.moe_backend
+        if self.adapters:
+            env[ENV_ADAPTERS] = self.adapters
         return env
 
 
@@ -108,8 +122,20 @@ class ExpertsMiddleware:
     def __init__(self, app: ASGIApp, settings: ServeSettings | None = None) -> None:
         self.app = app
         self.settings = settings or ServeSettings.from_env()
-        self.names = expert_names(self.settings.model_path)
-        self.bindings = load_bindings(self.settings.model_path, self.settings.registry_url)
+        self.adapters: AdapterSet | None = None
+        if self.settings.adapters:
+            self.adapters = AdapterSet.from_json(self.settings.adapters)
+            self.names = self.adapters.names
+            self.bindings = self.adapters.bindings()
+        else:
+            self.names = expert_names(self.settings.model_path)
+            self.bindings = load_bindings(self.settings.model_path, self.settings.registry_url)
+        if not audit.handlers:  # vLLM configures only its own loggers
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+            audit.addHandler(handler)
+            audit.setLevel(logging.INFO)
+            audit.propagate = False
         # Keys the prefix-cache salts: clients can neither compute nor collide with them.
         self.salt_secret = secrets.token_bytes(32)
         self.policy: PolicyRefresher | None = None
@@ -147,6 +173,9 @@ class ExpertsMiddleware:
             await _respond(send, *_error(e.status, str(e)))
             return
         if scope.get("method") != "POST":
+            if path == "/v1/models" and self.adapters is not None:
+                visible = permitted(self.bindings, snapshot, key)
+                send = ModelsFilter(send, visible)
             await self.app(scope, receive, send)
             return
         try:
@@ -155,9 +184,15 @@ class ExpertsMiddleware:
             allowed: tuple[str, ...] | None = None
             if path in GENERATE_PATHS:
                 allowed = self._apply_experts(scope, body, permitted(self.bindings, snapshot, key))
+            elif self.adapters is not None and "model" in body:
+                body["model"] = self.names[0]  # (de)tokenizing never names, or probes, adapters
         except SelectionError as e:
+            if path in GENERATE_PATHS:
+                _audit(key, path, e.status, None)
             await _respond(send, *_error(e.status, str(e), **_extra(e)))
             return
+        if allowed is not None:
+            _audit(key, path, 200, allowed)
         data = json.dumps(body).encode()
         scope = dict(scope)
         scope["headers"] = [
@@ -165,7 +200,7 @@ class ExpertsMiddleware:
             for k, v in scope["headers"]
             if k.lower() not in (b"content-length", b"content-type")
         ] + [(b"content-length", str(len(data)).encode()), (b"content-type", b"application/json")]
-        downstream = _ReportingSend(send, list(allowed)) if allowed is not None else send
+        downstream = ReportingSend(send, list(allowed)) if allowed is not None else send
         await self.app(scope, _replay(data, receive), downstream)
 
     def _snapshot(self) -> PolicySnapshot:
@@ -197,8 +232,15 @@ class ExpertsMiddleware:
                 )
             field = parse_experts_header(headers[0].decode("latin-1"))
         request = parse_experts_field(field)
-        allowed = select_experts(self.names, request, allowed_names)
         body.pop("vllm_xargs", None)  # check_fields allows only an empty one
+        if self.adapters is not None:
+            allowed = select_adapter(self.names, request, body.get("model"), allowed_names)
+            body["model"] = allowed[0]  # vLLM applies the adapter its `model` names, or none
+            salt = cache_salt([self.names.index(allowed[0])], self.salt_secret)
+            client = body.get("cache_salt")
+            body["cache_salt"] = f"{salt}:{client}" if client else salt
+            return allowed
+        allowed = select_experts(self.names, request, allowed_names)
         body.update(engine_fields(self.names, allowed, self.salt_secret, body.get("cache_salt")))
         return allowed
 
@@ -215,6 +257,12 @@ class ExpertsMiddleware:
         doc["status"] = "ok" if status == 200 else "unhealthy"
         body = json.dumps(doc).encode()
         await _respond(send, status, body)
+
+
+def _audit(key: str | None, path: str, status: int, used: tuple[str, ...] | None) -> None:
+    """One line per generation request: who (key hash prefix), what, and what it ran with."""
+    doc = {"key": key[:12] if key else None, "path": path, "status": status, "used": used}
+    audit.info(json.dumps(doc))
 
 
 def _extra(e: SelectionError) -> dict[str, Any]:
@@ -282,74 +330,3 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class _ReportingSend:
-    """Adds the header, and `experts` to the JSON body or to every server-sent event."""
-
-    def __init__(self, send: Send, allowed: list[str]) -> None:
-        self.send = send
-        self.allowed = allowed
-        self.mode = "pass"
-        self.buffer = b""
-        self.start: Message | None = None
-
-    async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
-            headers.append((HEADER, ",".join(self.allowed).encode()))
-            ctype = dict((k.lower(), v) for k, v in headers).get(b"content-type", b"")
-            if message["status"] == 200 and ctype.startswith(b"application/json"):
-                self.mode = "json"
-            elif message["status"] == 200 and ctype.startswith(b"text/event-stream"):
-                self.mode = "sse"
-            if self.mode == "json":  # length changes: hold the start until the body is known
-                self.start = {**message, "headers": headers}
-                return
-            await self.send({**message, "headers": headers})
-            return
-        if message["type"] != "http.response.body" or self.mode == "pass":
-            await self.send(message)
-            return
-        self.buffer += message.get("body", b"")
-        more = message.get("more_body", False)
-        if self.mode == "json":
-            if more:
-                return
-            body = self._inject_json(self.buffer)
-            assert self.start is not None
-            headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await self.send({**self.start, "headers": headers})
-            await self.send({"type": "http.response.body", "body": body})
-            return
-        events, sep, rest = self.buffer.rpartition(b"\n\n")
-        self.buffer = rest
-        out = (
-            b"".join(self._inject_event(e) + b"\n\n" for e in events.split(b"\n\n")) if sep else b""
-        )
-        if not more and self.buffer:
-            out += self.buffer
-            self.buffer = b""
-        await self.send({"type": "http.response.body", "body": out, "more_body": more})
-
-    def _inject_json(self, body: bytes) -> bytes:
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            return body
-        if isinstance(obj, dict):
-            obj["experts"] = self.allowed
-            return json.dumps(obj).encode()
-        return body
-
-    def _inject_event(self, event: bytes) -> bytes:
-        if not event.startswith(b"data: ") or event == b"data: [DONE]":
-            return event
-        try:
-            obj = json.loads(event[6:])
-        except ValueError:
-            return event
-        if isinstance(obj, dict):
-            obj["experts"] = self.allowed
-        return b"data: " + json.dumps(obj).encode()

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from registry.errors import ComposerError
+from serve.adapters import AdapterSet
 from serve.middleware import ServeSettings
 from serve.policy import PolicyRefresher, load_bindings
 
@@ -52,8 +53,13 @@ def run_server(
     policy_ttl: float = 2.0,
     policy_max_staleness: float = 30.0,
     extra_args: Sequence[str] = (),
+    adapters: AdapterSet | None = None,
 ) -> None:
-    """Serve `model_path` until interrupted. Blocks; returns when the server stops."""
+    """Serve `model_path` until interrupted. Blocks; returns when the server stops.
+
+    With `adapters` (serve.adapters.resolve_adapters), `model_path` is their dense base and each
+    request runs the base or one adapter; the base is served as `adapters.base_name`.
+    """
     model_path = Path(model_path).resolve()
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"{model_path} has no config.json")
@@ -65,10 +71,17 @@ def run_server(
         registry_url=registry_url,
         policy_ttl=policy_ttl,
         policy_max_staleness=policy_max_staleness,
+        adapters=adapters.to_json() if adapters else None,
     )
     # Fail at start, not on the first request: slots that cannot be bound to the registry, or a
     # registry that cannot be read.
-    bindings = load_bindings(model_path, registry_url)
+    bindings = adapters.bindings() if adapters else load_bindings(model_path, registry_url)
+    if adapters:
+        served_model_name = adapters.base_name
+        extra_args = [*extra_args, *adapters.vllm_args()]
+    # Adapters are the ones named at start, from the registry's checkout: never loaded at run
+    # time (vLLM's load/unload endpoints and resolvers stay off).
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "0"
     if registry_url:
         refresher = PolicyRefresher.for_registry(
             registry_url, bindings, interval=policy_ttl, max_staleness=policy_max_staleness

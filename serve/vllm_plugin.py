@@ -1,4 +1,5 @@
-"""vLLM general plugin: registers the expert-masking variants of the composed architectures.
+"""vLLM general plugin: registers the expert-masking variants of the composed architectures,
+and fixes vLLM CPU's LoRA ops for tokens that run no adapter (serve/lora_cpu.py).
 
 vLLM calls `register()` in every process it starts (API server, engine core, workers), so it
 only records class paths; the model modules are imported lazily by vLLM when a model loads.
@@ -34,4 +35,7 @@ def register() -> None:
         archs.pop("ComposerLoraMoeForCausalLM")
     for arch, target in archs.items():
         ModelRegistry.register_model(arch, target)
+    from serve.lora_cpu import install
+
+    install()  # per-request adapters: base requests in a mixed batch run no adapter on CPU too
     _registered = True
