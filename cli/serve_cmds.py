@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -62,6 +62,27 @@ def serving_dtype() -> str:
     return dtype_name(choose("auto", "cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def replica_plan(replicas: int | None, ray_address: str | None, **ray_options: Any) -> Any:
+    """The ReplicaPlan of `--replicas N` and its options, or None for the single server (whose
+    path never imports Ray); Ray options without --replicas are refused, not ignored."""
+    given = {"ray_address": ray_address, **ray_options}
+    if replicas is None:
+        named = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if named:
+            raise ComposerError(f"{', '.join(named)} only apply with --replicas N")
+        return None
+    from pydantic import ValidationError
+
+    from serve.replica_plan import ReplicaPlan
+
+    try:
+        return ReplicaPlan(
+            replicas=replicas, **{k: v for k, v in ray_options.items() if v is not None}
+        )
+    except ValidationError as e:
+        raise ComposerError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
 @handles_errors
 def serve(
     target: Annotated[
@@ -92,6 +113,30 @@ def serve(
             "a registered base), e.g. code,legal@2; a request picks one by `model` or `experts`."
         ),
     ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="Run N engine replicas on Ray Serve behind one endpoint (docs/ray.md).", min=1
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (with --replicas); default: start a local one."),
+    ] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="Autoscaling lower bound (with --replicas).", min=0)
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="Autoscaling upper bound (with --replicas).", min=1)
+    ] = None,
+    cpus_per_replica: Annotated[
+        float | None,
+        typer.Option(help="Ray CPUs reserved per replica (with --replicas; default 1).", min=0),
+    ] = None,
+    gpus_per_replica: Annotated[
+        float | None,
+        typer.Option(help="Ray GPUs reserved per replica (with --replicas; default 0).", min=0),
+    ] = None,
     vllm_args: Annotated[
         list[str] | None, typer.Argument(help="Extra vLLM server arguments, after `--`.")
     ] = None,
@@ -102,8 +147,12 @@ def serve(
     experts whose owners opted out in the registry are never used. With --adapters, a request
     runs the base or one adapter, under the same policies.
     """
-    from serve.server import run_server
-
+    plan = replica_plan(
+        replicas, ray_address=ray_address, min_replicas=min_replicas, max_replicas=max_replicas,
+        cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+    )  # fmt: skip
+    if plan is not None and adapters is not None:
+        raise ComposerError("--adapters with --replicas is not supported yet: serve one of them")
     adapter_set = None
     if adapters is not None:
         from serve.adapters import serve_adapters
@@ -119,8 +168,7 @@ def serve(
     if not any(a == "--dtype" or a.startswith("--dtype=") for a in extra):
         extra += ["--dtype", serving_dtype()]
     err_console.print(f"serving {model_path} on http://{host}:{port}/v1")
-    run_server(
-        model_path,
+    options: dict[str, Any] = dict(
         host=host,
         port=port,
         api_keys=api_keys == "on",
@@ -129,5 +177,12 @@ def serve(
         policy_ttl=policy_ttl,
         policy_max_staleness=policy_max_staleness,
         extra_args=extra,
-        adapters=adapter_set,
     )
+    if plan is not None:
+        from serve.ray_app import run_replicas  # imports ray: only here
+
+        run_replicas(model_path, plan, ray_address=ray_address, **options)
+        return
+    from serve.server import run_server
+
+    run_server(model_path, adapters=adapter_set, **options)

@@ -42,6 +42,65 @@ def vllm_argv(
     return argv + list(extra_args)
 
 
+def prepare(
+    model_path: str | Path,
+    *,
+    api_keys: bool = False,
+    registry_url: str | None = None,
+    policy_ttl: float = 2.0,
+    policy_max_staleness: float = 30.0,
+    adapters: AdapterSet | None = None,
+    device_type: str | None = None,
+) -> ServeSettings:
+    """The middleware's settings, after the start-up checks every server makes (one or many
+    replicas): a checkpoint, keys only with a registry, slots bound to the registry, a registry
+    that can be read now, and the MoE backend chosen once (logged)."""
+    model_path = Path(model_path).resolve()
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"{model_path} has no config.json")
+    if api_keys and not registry_url:
+        raise ValueError("--api-keys on needs a registry (keys live there): give registry_url")
+    settings = ServeSettings(
+        model_path=str(model_path),
+        api_keys=api_keys,
+        registry_url=registry_url,
+        policy_ttl=policy_ttl,
+        policy_max_staleness=policy_max_staleness,
+        adapters=adapters.to_json() if adapters else None,
+    )
+    # Fail at start, not on the first request: slots that cannot be bound to the registry, or a
+    # registry that cannot be read.
+    bindings = adapters.bindings() if adapters else load_bindings(model_path, registry_url)
+    if registry_url:
+        refresher = PolicyRefresher.for_registry(
+            registry_url, bindings, interval=policy_ttl, max_staleness=policy_max_staleness
+        )
+        if not refresher.refresh():
+            raise ComposerError(
+                f"cannot read the policy registry: {refresher.status()['last_error']}"
+            )
+    from serve.moe_backend import moe_backend
+
+    backend, why = moe_backend(device_type)  # None: the device vLLM sees in this process
+    settings.moe_backend = backend
+    print(f"composer serve: MoE backend {backend} ({why})", file=sys.stderr, flush=True)
+    return settings
+
+
+def engine_env(settings: ServeSettings) -> dict[str, str]:
+    """What the process that builds the app and its engine needs in its environment: the
+    middleware's settings (vLLM instantiates it without arguments) and the MoE backend."""
+    from serve.moe_backend import BACKEND_ENV
+
+    env = settings.to_env()
+    # Adapters are the ones named at start, from the registry's checkout: never loaded at run
+    # time (vLLM's load/unload endpoints and resolvers stay off).
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "0"
+    if settings.moe_backend:
+        env[BACKEND_ENV] = settings.moe_backend  # the engine builds the model with this choice
+    return env
+
+
 def run_server(
     model_path: str | Path,
     *,
@@ -60,48 +119,23 @@ def run_server(
     With `adapters` (serve.adapters.resolve_adapters), `model_path` is their dense base and each
     request runs the base or one adapter; the base is served as `adapters.base_name`.
     """
-    model_path = Path(model_path).resolve()
-    if not (model_path / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path} has no config.json")
-    if api_keys and not registry_url:
-        raise ValueError("--api-keys on needs a registry (keys live there): give registry_url")
-    settings = ServeSettings(
-        model_path=str(model_path),
+    settings = prepare(
+        model_path,
         api_keys=api_keys,
         registry_url=registry_url,
         policy_ttl=policy_ttl,
         policy_max_staleness=policy_max_staleness,
-        adapters=adapters.to_json() if adapters else None,
+        adapters=adapters,
     )
-    # Fail at start, not on the first request: slots that cannot be bound to the registry, or a
-    # registry that cannot be read.
-    bindings = adapters.bindings() if adapters else load_bindings(model_path, registry_url)
     if adapters:
         served_model_name = adapters.base_name
         extra_args = [*extra_args, *adapters.vllm_args()]
-    # Adapters are the ones named at start, from the registry's checkout: never loaded at run
-    # time (vLLM's load/unload endpoints and resolvers stay off).
-    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "0"
-    if registry_url:
-        refresher = PolicyRefresher.for_registry(
-            registry_url, bindings, interval=policy_ttl, max_staleness=policy_max_staleness
-        )
-        if not refresher.refresh():
-            raise ComposerError(
-                f"cannot read the policy registry: {refresher.status()['last_error']}"
-            )
-    from serve.moe_backend import BACKEND_ENV, moe_backend
-
-    backend, why = moe_backend()
-    settings.moe_backend = backend
-    os.environ[BACKEND_ENV] = backend  # the engine process builds the model with this choice
-    print(f"composer serve: MoE backend {backend} ({why})", file=sys.stderr, flush=True)
-    os.environ.update(settings.to_env())
+    os.environ.update(engine_env(settings))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local checkpoint: never ask the Hub
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 
     argv = vllm_argv(
-        model_path,
+        settings.model_path,
         host=host,
         port=port,
         served_model_name=served_model_name,

@@ -1,0 +1,439 @@
+"""`composer serve --replicas 2` on a real local Ray cluster: a `composer serve` subprocess runs a
+2-replica Ray Serve application of a tiny registry-governed FlexOlmo (keys on), and the tests
+talk to its one endpoint.
+
+Covered: masked == pruned on both replicas; 200 mixed requests 16 at a time without a failure;
+a replica killed mid-load is restarted by Ray and every request either gets the right answer
+or a clean 5xx; an opt-out reaches every replica within the refresh interval, and a registry
+that cannot be read fails closed (503) on every replica; attacks get the single server's exact
+answers (the same middleware, run in-process here for reference). At the end no process the
+cluster started is left. One cluster, one application, one offline engine (the pruned model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from composer.tiny_moe import make_tiny_moe, prune_expert
+from registry.models import Policy
+from serve.ray_app import APP_NAME, PROXY_TIMEOUTS, REPLICA_HEADER
+from serve.replica_plan import DEPLOYMENT
+from tests.serve.server_fixtures import (
+    KEYS,
+    REPO,
+    VLLM_TEST_ARGS,
+    free_port,
+    make_registry,
+    offline_request,
+    set_policy,
+    tiny_llm,
+)
+
+pytestmark = pytest.mark.slow
+
+ALL = ["public", "code", "legal", "math"]
+PROMPTS = [[5, 6, 7, 8, 9, 10], [30, 31, 32, 33], [100, 101, 102], [7, 9, 11, 13, 15, 17, 19]]
+MASKS: list[dict[str, list[str]] | None] = [
+    None, {"exclude": ["legal"]}, {"include": ["code"]}, {"include": ["public", "math"]},
+    {"exclude": ["public", "code"]},
+]  # fmt: skip
+TTL = 0.5
+MAX_STALENESS = 4.0
+REPLICA = REPLICA_HEADER.decode()
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A local cluster started by this process (`ray.init(num_cpus=2)`); its GCS address.
+
+    At the end every process it started, and every process those started (replicas, engines),
+    must be gone."""
+    import ray
+
+    os.environ.update(PROXY_TIMEOUTS)  # the Serve controller inherits the raylet's environment
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        started = psutil.Process().children(recursive=True)
+        ray.shutdown()
+        deadline = time.monotonic() + 30
+        while _alive(started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _alive(started)
+        for p in left:  # leave the machine clean, then fail
+            p.kill()
+        assert not left, f"processes left after the cluster stopped: {[p.name() for p in left]}"
+
+
+@dataclass
+class App:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    log: Path
+    registry_url: str
+    model: Path
+
+    def post(self, path: str, body: Any, key: str | None = "alice") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
+        if isinstance(body, bytes):
+            headers["content-type"] = "application/json"
+            return httpx.post(self.base_url + path, content=body, headers=headers, timeout=120)
+        return httpx.post(self.base_url + path, json=body, headers=headers, timeout=120)
+
+    def complete(self, prompt: list[int], experts: Any = None, key: str = "alice") -> Any:
+        return self.post("/v1/completions", _body(prompt, experts), key)
+
+
+def _body(prompt: list[int], experts: Any = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "flexmix", "prompt": prompt, "max_tokens": 8}
+    body["temperature"] = 0.0
+    if experts is not None:
+        body["experts"] = experts
+    return body
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    root = tmp_path_factory.mktemp("replicas")
+    model = make_tiny_moe(root / "flexmix", "flexolmo")
+    url = make_registry(root / "registry.db", model)
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "cli.main", "serve", str(model), "--replicas", "2",
+        "--ray-address", ray_cluster, "--port", str(port), "--api-keys", "on",
+        "--served-model-name", "flexmix", "--policy-ttl", str(TTL),
+        "--policy-max-staleness", str(MAX_STALENESS), "--", *VLLM_TEST_ARGS,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COMPOSER_HOME": str(root / "home"),
+           "COMPOSER_DATABASE_URL": url}  # fmt: skip
+    log = root / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    served = App(proc, f"http://127.0.0.1:{port}", log, url, model)
+    try:
+        _wait_ready(served, timeout=600)
+        yield served
+    finally:
+        proc.terminate()  # SIGTERM: the app is deleted from the cluster, engines shut down
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    assert code == 0, log.read_text()[-4000:]
+
+
+def _wait_ready(served: App, timeout: float) -> None:
+    """Until the command says every replica runs (it prints that after `serve.run`)."""
+    deadline = time.monotonic() + timeout
+    while "replicas of" not in served.log.read_text(errors="replace"):
+        if served.proc.poll() is not None:
+            raise RuntimeError(f"exited {served.proc.returncode}:\n{_tail(served)}")
+        assert time.monotonic() < deadline, f"not ready after {timeout} s:\n{_tail(served)}"
+        time.sleep(1)
+
+
+def _tail(served: App) -> str:
+    return served.log.read_text(errors="replace")[-4000:]
+
+
+async def _fire(
+    served: App, jobs: list[tuple[list[int], Any]], concurrency: int = 16
+) -> list[tuple[int, str, str]]:
+    """(status, replica, body) of each job (prompt, experts), `concurrency` at a time; a
+    transport error is status 0."""
+    sem = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=180, limits=limits) as client:
+
+        async def one(prompt: list[int], experts: Any) -> tuple[int, str, str]:
+            async with sem:
+                try:
+                    r = await client.post(
+                        "/v1/completions", json=_body(prompt, experts), headers=headers
+                    )
+                except httpx.TransportError as e:
+                    return 0, "", repr(e)
+                return r.status_code, r.headers.get(REPLICA, ""), r.text
+
+        return await asyncio.gather(*(one(p, e) for p, e in jobs))
+
+
+def _text(body: str) -> str:
+    return json.loads(body)["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def reference(app: App) -> dict[tuple[int, int], str]:
+    """Each (prompt, mask) answered alone."""
+    out = {}
+    for p, prompt in enumerate(PROMPTS):
+        for m, mask in enumerate(MASKS):
+            r = app.complete(prompt, mask)
+            assert r.status_code == 200, r.text
+            out[p, m] = r.json()["choices"][0]["text"]
+    return out
+
+
+def test_masked_equals_pruned_on_both_replicas(app: App, tmp_path: Path) -> None:
+    pruned_dir = prune_expert(app.model, tmp_path / "no_legal", "legal")
+    llm: Any = tiny_llm(pruned_dir)
+    try:
+        want = []
+        for prompt in PROMPTS:
+            request = offline_request(llm, prompt, None, max_tokens=8, temperature=0.0)
+            want.append(llm.generate(*request, use_tqdm=False)[0].outputs[0].text)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    seen: dict[str, set[int]] = {}
+    for _ in range(8):  # until both replicas have answered every prompt
+        jobs = [(prompt, {"exclude": ["legal"]}) for prompt in PROMPTS] * 2
+        results = asyncio.run(_fire(app, jobs, 8))
+        for (prompt, _), (status, replica, body) in zip(jobs, results, strict=True):
+            assert status == 200, body
+            assert json.loads(body)["experts"] == ["public", "code", "math"]
+            assert _text(body) == want[PROMPTS.index(prompt)], (replica, prompt)
+            seen.setdefault(replica, set()).add(PROMPTS.index(prompt))
+        if len(seen) == 2 and all(len(v) == len(PROMPTS) for v in seen.values()):
+            break
+    assert len(seen) == 2 and all(len(v) == len(PROMPTS) for v in seen.values()), seen
+    # The mask matters: the full model answers differently somewhere.
+    full = [app.complete(prompt, None).json()["choices"][0]["text"] for prompt in PROMPTS]
+    assert full != want
+
+
+def test_200_mixed_requests_16_at_a_time_without_a_failure(
+    app: App, reference: dict[tuple[int, int], str]
+) -> None:
+    rng = random.Random(0)
+    picks = [(rng.randrange(len(PROMPTS)), rng.randrange(len(MASKS))) for _ in range(200)]
+    results = asyncio.run(_fire(app, [(PROMPTS[p], MASKS[m]) for p, m in picks]))
+    per_replica: Counter[str] = Counter()
+    for pick, (status, replica, body) in zip(picks, results, strict=True):
+        assert status == 200, body
+        assert _text(body) == reference[pick]
+        per_replica[replica] += 1
+    assert len(per_replica) == 2 and min(per_replica.values()) >= 20, per_replica
+
+
+def test_an_opt_out_reaches_every_replica_within_the_refresh_interval(app: App) -> None:
+    """After the owner's opt-out, each replica stops using the expert within one refresh
+    interval (plus a registry read and a request); the last answer that still used it is
+    timed per replica."""
+    set_policy(app.registry_url, "legal", Policy.opt_out)
+    changed = time.monotonic()
+    try:
+        last_with: dict[str, float] = {}
+        last_seen: dict[str, float] = {}
+        while time.monotonic() - changed < 3.0 or len(last_seen) < 2:
+            assert time.monotonic() - changed < 60, f"replicas seen: {last_seen}"
+            for status, replica, body in asyncio.run(_fire(app, [(PROMPTS[1], None)] * 8, 8)):
+                assert status == 200, body
+                now = time.monotonic() - changed
+                last_seen[replica] = now
+                if "legal" in json.loads(body)["experts"]:
+                    last_with[replica] = now
+        assert len(last_seen) == 2
+        assert max(last_with.values(), default=0.0) < TTL + 1.5, last_with
+        r = app.complete(PROMPTS[1], {"include": ["legal"]})
+        assert r.status_code == 403 and r.json()["error"]["unavailable"] == ["legal"]
+    finally:
+        set_policy(app.registry_url, "legal", Policy.opt_in)
+    deadline = time.monotonic() + 10
+    while True:  # both replicas use it again
+        got = asyncio.run(_fire(app, [(PROMPTS[1], None)] * 8, 8))
+        if {json.loads(b)["experts"] == ALL for _, _, b in got} == {True}:
+            break
+        assert time.monotonic() < deadline
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.05)
+conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+while True:
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("INSERT INTO owners (name, created_at) VALUES ('locker', '2026-01-01')")
+        break
+    except sqlite3.OperationalError:
+        conn.execute("ROLLBACK") if conn.in_transaction else None
+        time.sleep(0.01)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+conn.close()
+"""
+
+
+def test_an_unreadable_registry_fails_closed_on_every_replica(app: App) -> None:
+    db = app.registry_url.removeprefix("sqlite:///")
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, db, str(MAX_STALENESS + 8)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        time.sleep(MAX_STALENESS + 1.5)
+        refused: Counter[str] = Counter()
+        for status, replica, body in asyncio.run(_fire(app, [(PROMPTS[0], None)] * 16, 8)):
+            assert status == 503, body
+            assert "policy registry unreachable" in json.loads(body)["error"]["message"]
+            refused[replica] += 1
+        assert len(refused) == 2, refused
+    finally:
+        locker.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    while {s for s, _, _ in asyncio.run(_fire(app, [(PROMPTS[0], None)] * 8, 8))} != {200}:
+        assert time.monotonic() < deadline, "no recovery after the registry came back"
+        time.sleep(0.5)
+
+
+# Requests the middleware refuses before vLLM sees them: (path, body, key).
+ATTACKS: list[tuple[str, Any, str | None]] = [
+    ("/v1/completions", {**_body(PROMPTS[0]), "vllm_xargs": {"composer_allowed_experts": [0]}},
+     "bob"),
+    ("/v1/completions", {**_body(PROMPTS[0]), "use_beam_search": True, "n": 2}, "alice"),
+    ("/v1/completions", _body(PROMPTS[0], {"include": ["code", "math"]}), "bob"),
+    ("/v1/completions", _body(PROMPTS[0], {"include": ["nosuch"]}), "bob"),
+    ("/v1/completions", _body(PROMPTS[0], {"exclude": ALL}), "alice"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "alice"),
+    ("/v1/completions", _body(PROMPTS[0]), None),
+    ("/v1/models", None, None),
+    ("/v1/responses", {"model": "flexmix", "input": "hello"}, "alice"),
+]  # fmt: skip
+
+
+def test_attacks_get_the_single_servers_answers(app: App) -> None:
+    """Each refused request gets, through Ray, the status and body that the middleware gives
+    in-process (what the single server answers), byte for byte; a restricted expert and an
+    unknown one get the same 403."""
+    from serve.middleware import ExpertsMiddleware, ServeSettings
+
+    async def engine(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError(f"{scope['path']} reached the engine")
+
+    settings = ServeSettings(model_path=str(app.model), api_keys=True,
+                             registry_url=app.registry_url, policy_ttl=TTL,
+                             policy_max_staleness=MAX_STALENESS)  # fmt: skip
+    local = ExpertsMiddleware(engine, settings)
+    try:
+        transport = httpx.ASGITransport(app=local)  # type: ignore[arg-type]
+
+        async def in_process(path: str, body: Any, key: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
+            async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+                if body is None:
+                    return await client.get(path, headers=headers)
+                if isinstance(body, bytes):
+                    headers["content-type"] = "application/json"
+                    return await client.post(path, content=body, headers=headers)
+                return await client.post(path, json=body, headers=headers)
+
+        for path, body, key in ATTACKS:
+            want = asyncio.run(in_process(path, body, key))
+            if body is None:
+                got = httpx.get(app.base_url + path, headers=_auth(key))
+            else:
+                got = app.post(path, body, key)
+            assert 400 <= want.status_code < 500, (path, want.text)
+            assert (got.status_code, got.content) == (want.status_code, want.content), path
+    finally:
+        assert local.policy is not None
+        local.policy.stop()
+    restricted = app.complete(PROMPTS[0], {"include": ["math"]}, key="bob")
+    unknown = app.complete(PROMPTS[0], {"include": ["nosuch"]}, key="bob")
+    assert restricted.status_code == unknown.status_code == 403
+    assert restricted.text.replace("math", "X") == unknown.text.replace("nosuch", "X")
+
+
+def _auth(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
+
+
+def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
+    app: App, reference: dict[tuple[int, int], str]
+) -> None:
+    """One replica's actor is killed while 16 requests at a time are in flight: each request
+    gets the right answer or a clean 5xx (counted), and Ray starts a new replica that then
+    answers correctly. Runs last in this file: it costs an engine start."""
+    import ray
+    from ray import serve
+
+    replicas = {r for _, r, _ in asyncio.run(_fire(app, [(PROMPTS[0], None)] * 16, 8))}
+    assert len(replicas) == 2
+    victim = sorted(replicas)[0]
+    name = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT}#{victim}"
+    actor = ray.get_actor(name, namespace="serve")
+    rng = random.Random(1)
+    picks = [(rng.randrange(len(PROMPTS)), rng.randrange(len(MASKS))) for _ in range(160)]
+
+    async def load_and_kill() -> list[tuple[int, str, str]]:
+        task = asyncio.ensure_future(_fire(app, [(PROMPTS[p], MASKS[m]) for p, m in picks]))
+        await asyncio.sleep(1.5)  # requests are in flight on both replicas
+        ray.kill(actor, no_restart=True)  # as a crash: Serve's controller replaces the replica
+        return await task
+
+    results = asyncio.run(load_and_kill())
+    outcome: Counter[str] = Counter()
+    for pick, (status, replica, body) in zip(picks, results, strict=True):
+        if status == 200:
+            assert _text(body) == reference[pick], (pick, replica)
+            outcome["ok"] += 1
+        else:
+            assert 500 <= status < 600, (status, body)
+            outcome[f"{status}"] += 1
+    print(f"requests while a replica was killed: {dict(outcome)}")
+    assert outcome["ok"] >= len(picks) // 2, outcome
+    # Ray brings a new replica up; both answer correctly.
+    deadline = time.monotonic() + 400
+    while True:
+        status_now = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
+        running = status_now.replica_states.get("RUNNING", 0)
+        if running == 2:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {status_now}"
+        time.sleep(2)
+    seen: dict[str, list[bool]] = {}
+    for _ in range(10):
+        jobs = [(PROMPTS[p], MASKS[m]) for p in range(len(PROMPTS)) for m in range(len(MASKS))]
+        got = asyncio.run(_fire(app, jobs, 8))
+        for (p, m), (status, replica, body) in zip(
+            [(p, m) for p in range(len(PROMPTS)) for m in range(len(MASKS))], got, strict=True
+        ):
+            assert status == 200, body
+            seen.setdefault(replica, []).append(_text(body) == reference[p, m])
+        if len(seen.keys() - {victim}) == 2:
+            break
+    assert victim not in seen and len(seen) == 2, seen.keys()
+    assert all(all(v) for v in seen.values())
