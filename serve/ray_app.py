@@ -20,8 +20,8 @@ import math
 import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,6 @@ def run_replicas(
     policy_ttl: float = 2.0,
     policy_max_staleness: float = 30.0,
     extra_args: Sequence[str] = (),
-    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve `model_path` with `plan`'s replicas until SIGINT/SIGTERM. Blocks.
 
@@ -159,37 +158,54 @@ def run_replicas(
     own = ray_address is None
     for name, value in PROXY_TIMEOUTS.items():
         os.environ.setdefault(name, value)
-    if own:
-        wanted = math.ceil(plan.highest * plan.cpus_per_replica)
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, wanted),
-            include_dashboard=False,
-        )
-    else:
-        ray.init(address=ray_address)
-    stop = threading.Event()
+    _stop_on_signals()  # from here on, a stop always cleans up
+    deployed = False
     try:
+        if own:
+            wanted = math.ceil(plan.highest * plan.cpus_per_replica)
+            ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False)
+        else:
+            ray.init(address=ray_address)
+        _stop_on_signals()  # Ray installs its own SIGTERM handler, which would abort the process
         ray_serve.start(http_options={"host": host, "port": port})
+        if APP_NAME in ray_serve.status().applications:
+            raise ComposerError(
+                f"Ray cluster {ray_address} already runs a `{APP_NAME}` application: Serve has "
+                f"one HTTP endpoint per cluster, so one composer server per cluster"
+            )
         app = ray_serve.deployment(ComposerReplica).options(**plan.deployment_options())
+        deployed = True
         try:
             ray_serve.run(app.bind(engine_env(settings), argv), name=APP_NAME, route_prefix="/")
         except RuntimeError as e:
             raise ComposerError(f"the replicas did not start: {str(e).splitlines()[0]}") from e
+        _stop_on_signals()
         print(
             f"composer serve: {plan.replicas} replicas of {settings.model_path} on "
             f"http://{host}:{port}/v1 (Ray {ray.get_runtime_context().gcs_address})",
             file=sys.stderr,
             flush=True,
         )
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        if on_ready is not None:
-            on_ready()
-        stop.wait()
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
-        with contextlib.suppress(Exception):
-            ray_serve.delete(APP_NAME)
+        if deployed:
+            with contextlib.suppress(Exception):
+                ray_serve.delete(APP_NAME)
         if own:
             with contextlib.suppress(Exception):
                 ray_serve.shutdown()
         ray.shutdown()
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread: the command deletes its
+    application (and stops its own cluster) and exits 0."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt

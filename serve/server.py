@@ -1,7 +1,9 @@
 """`composer serve`: vLLM's OpenAI-compatible server with the experts middleware in front.
 
 `run_server` runs in the calling process (vLLM starts its engine in a child process).
-`python -m serve.server MODEL --port N` is the same, for tests and scripts.
+`python -m serve.server MODEL --port N` is the same, for tests and scripts. `prepare`,
+`engine_env` and `vllm_argv` are shared with the Ray Serve replicas (serve/ray_app.py), so both
+servers make the same start-up checks and build the same app.
 """
 
 from __future__ import annotations

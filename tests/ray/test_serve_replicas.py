@@ -79,13 +79,17 @@ def ray_cluster() -> Iterator[str]:
     os.environ.update(PROXY_TIMEOUTS)  # the Serve controller inherits the raylet's environment
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
-    if ray.is_initialized():
-        ray.shutdown()
+    if ray.is_initialized():  # another file's session cluster in this process: its owner stops it
+        yield str(ray.get_runtime_context().gcs_address)
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cluster = psutil.Process().children(recursive=True)  # GCS, raylet, their helpers
     try:
         yield str(ray.get_runtime_context().gcs_address)
     finally:
-        started = psutil.Process().children(recursive=True)
+        started = list(cluster)  # and everything they started since: workers, engines
+        for p in _alive(cluster):
+            started += p.children(recursive=True)
         ray.shutdown()
         deadline = time.monotonic() + 30
         while _alive(started) and time.monotonic() < deadline:
@@ -411,29 +415,28 @@ def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
             assert _text(body) == reference[pick], (pick, replica)
             outcome["ok"] += 1
         else:
-            assert 500 <= status < 600, (status, body)
+            assert 500 <= status < 600 and '"choices"' not in body, (status, body)
             outcome[f"{status}"] += 1
     print(f"requests while a replica was killed: {dict(outcome)}")
     assert outcome["ok"] >= len(picks) // 2, outcome
-    # Ray brings a new replica up; both answer correctly.
-    deadline = time.monotonic() + 400
-    while True:
-        status_now = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
-        running = status_now.replica_states.get("RUNNING", 0)
-        if running == 2:
-            break
-        assert time.monotonic() < deadline, f"no replacement replica: {status_now}"
-        time.sleep(2)
-    seen: dict[str, list[bool]] = {}
-    for _ in range(10):
-        jobs = [(PROMPTS[p], MASKS[m]) for p in range(len(PROMPTS)) for m in range(len(MASKS))]
-        got = asyncio.run(_fire(app, jobs, 8))
-        for (p, m), (status, replica, body) in zip(
-            [(p, m) for p in range(len(PROMPTS)) for m in range(len(MASKS))], got, strict=True
-        ):
-            assert status == 200, body
-            seen.setdefault(replica, []).append(_text(body) == reference[p, m])
-        if len(seen.keys() - {victim}) == 2:
-            break
-    assert victim not in seen and len(seen) == 2, seen.keys()
-    assert all(all(v) for v in seen.values())
+    # Ray brings a new replica up; every answer meanwhile comes right, from either replica.
+    jobs = [(PROMPTS[p], MASKS[m]) for p in range(len(PROMPTS)) for m in range(len(MASKS))]
+    picks = [(p, m) for p in range(len(PROMPTS)) for m in range(len(MASKS))]
+    seen: Counter[str] = Counter()
+    deadline = time.monotonic() + 600
+    while len(seen.keys() - {victim}) < 2:
+        assert time.monotonic() < deadline, f"no replacement replica: {seen}"
+        results = asyncio.run(_fire(app, jobs, 8))
+        for pick, (status, replica, body) in zip(picks, results, strict=True):
+            if status != 200:  # the proxy may still be learning that the victim is gone
+                assert 500 <= status < 600, (status, body)
+                outcome[f"{status} after"] += 1
+                continue
+            assert _text(body) == reference[pick], (pick, replica)
+            seen[replica] += 1
+        time.sleep(1)
+    assert victim not in seen, seen
+    print(f"until the new replica answered: {dict(outcome)}")
+    assert serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states == {
+        "RUNNING": 2
+    }
