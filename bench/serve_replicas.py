@@ -32,7 +32,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_BUILD = REPO / ".demo" / "avx2-refactor" / "builds" / "flexmix"
-VLLM_ARGS = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(512 << 20), "--seed", "0"]
+VLLM_ARGS = ["--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20), "--seed", "0"]
 PROMPTS = [
     "def parse_config(path):",
     "This licence grants you the right to",
