@@ -163,7 +163,9 @@ def run_replicas(
     try:
         if own:
             wanted = math.ceil(plan.highest * plan.cpus_per_replica)
-            ray.init(num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False)
+            ray.init(  # "local": a new cluster, even when another one runs on this machine
+                address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False
+            )
         else:
             ray.init(address=ray_address)
         _stop_on_signals()  # Ray installs its own SIGTERM handler, which would abort the process

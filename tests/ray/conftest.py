@@ -57,6 +57,8 @@ def ray_cluster() -> Iterator[str]:
     try:
         yield address
     finally:
+        for p in _alive(started):  # and what they started since: workers, Serve replicas' engines
+            started += p.children(recursive=True)
         ray.shutdown()
         deadline = time.monotonic() + 30
         while _alive(started) and time.monotonic() < deadline:

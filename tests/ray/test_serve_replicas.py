@@ -6,8 +6,9 @@ Covered: masked == pruned on both replicas; 200 mixed requests 16 at a time with
 a replica killed mid-load is restarted by Ray and every request either gets the right answer
 or a clean 5xx; an opt-out reaches every replica within the refresh interval, and a registry
 that cannot be read fails closed (503) on every replica; attacks get the single server's exact
-answers (the same middleware, run in-process here for reference). At the end no process the
-cluster started is left. One cluster, one application, one offline engine (the pruned model).
+answers (the same middleware, run in-process here for reference). The cluster is
+tests/ray/conftest.py's `ray_cluster`: at the end no process it started, replicas and engines
+included, is left. One cluster, one application, one offline engine (the pruned model).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from composer.tiny_moe import make_tiny_moe, prune_expert
 from registry.models import Policy
-from serve.ray_app import APP_NAME, PROXY_TIMEOUTS, REPLICA_HEADER
+from serve.ray_app import APP_NAME, REPLICA_HEADER
 from serve.replica_plan import DEPLOYMENT
 from tests.serve.server_fixtures import (
     KEYS,
@@ -55,49 +55,6 @@ MASKS: list[dict[str, list[str]] | None] = [
 TTL = 0.5
 MAX_STALENESS = 4.0
 REPLICA = REPLICA_HEADER.decode()
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """A local cluster started by this process (`ray.init(num_cpus=2)`); its GCS address.
-
-    At the end every process it started, and every process those started (replicas, engines),
-    must be gone."""
-    import ray
-
-    os.environ.update(PROXY_TIMEOUTS)  # the Serve controller inherits the raylet's environment
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
-    if ray.is_initialized():  # another file's session cluster in this process: its owner stops it
-        yield str(ray.get_runtime_context().gcs_address)
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cluster = psutil.Process().children(recursive=True)  # GCS, raylet, their helpers
-    try:
-        yield str(ray.get_runtime_context().gcs_address)
-    finally:
-        started = list(cluster)  # and everything they started since: workers, engines
-        for p in _alive(cluster):
-            started += p.children(recursive=True)
-        ray.shutdown()
-        deadline = time.monotonic() + 30
-        while _alive(started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = _alive(started)
-        for p in left:  # leave the machine clean, then fail
-            p.kill()
-        assert not left, f"processes left after the cluster stopped: {[p.name() for p in left]}"
 
 
 @dataclass
