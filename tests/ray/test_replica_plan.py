@@ -48,6 +48,8 @@ def test_bounds_map_to_serves_autoscaling_config() -> None:
          "--replicas 3 must lie within --min-replicas 3 and --max-replicas 2"),
         (["--replicas", "1", "--min-replicas", "2"],
          "--replicas 1 must lie within --min-replicas 2 and --max-replicas 1"),
+        (["--replicas", "2", "--adapters", "code"],
+         "--adapters with --replicas is not supported yet"),
     ],
 )  # fmt: skip
 def test_the_cli_refuses_inconsistent_replica_options(
