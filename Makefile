@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.composer-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint format clean
+.PHONY: setup test test-fast test-replicas demo lint format clean
 
 setup: $(STAMP)
 
@@ -31,11 +31,16 @@ $(STAMP): pyproject.toml Makefile
 # registries) start once. (loadgroup does not group with pytest 9.2 and xdist 3.8 here.)
 XDIST := -n 2 --dist loadfile
 
+# The 2-replica Ray Serve tests (tests/ray/test_serve_replicas.py) take 5-8 minutes alone on 2
+# cores and one of them is not yet reliable (docs/ray.md): they run with `make test-replicas`.
 test: setup
-	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) -m 'not replicas' $(PYTEST_ARGS)
 
 test-fast: setup
-	$(VENV)/bin/pytest $(XDIST) -m 'not slow' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) -m 'not slow and not replicas' $(PYTEST_ARGS)
+
+test-replicas: setup
+	$(VENV)/bin/pytest -m replicas $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/python -m composer.demo

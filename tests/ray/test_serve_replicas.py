@@ -44,7 +44,7 @@ from tests.serve.server_fixtures import (
     tiny_llm,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.replicas]
 
 ALL = ["public", "code", "legal", "math"]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [30, 31, 32, 33], [100, 101, 102], [7, 9, 11, 13, 15, 17, 19]]
