@@ -128,8 +128,7 @@ def test_dare_draws_like_peft_from_the_same_seed(adapters, combination, kw):
 @pytest.mark.parametrize(
     ("combination", "names", "kw"),
     [
-        ("svd", ["a", "c"], {}),
-        ("svd", ["a", "b"], {"svd_rank": 3}),
+        ("svd", ["a", "c"], {"svd_rank": 3}),
         ("ties_svd", ["a", "b"], {"density": 0.5}),
     ],
 )

@@ -36,6 +36,7 @@ DENSE = [
     "{method: ties, density: 0.4}",
     "{method: dare_ties, density: 0.6, seed: 3}",
     "{method: linear}",
+    "{method: expert_merging, steps: 2, seq_len: 32, calibration: [cal/code.txt, cal/legal.txt]}",
 ]
 
 
@@ -142,3 +143,40 @@ def test_refused_before_any_write(loras, tmp_path, experts, params, output, erro
         build_text(loras, tmp_path / "out", _merge(experts, params, output))
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_registered_lora_experts(loras, tmp_path):
+    """`--kind lora` experts from the registry merge like the same folders on disk, both into a
+    model and into an adapter; an owner's opt-out refuses the build."""
+    from composer.build import build
+    from composer.errors import OptedOutError
+    from composer.registry_resolver import RegistryResolver
+    from composer.spec_load import load_spec
+    from registry import db
+    from registry.service import RegistryService
+
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    db.upgrade(url)
+    service = RegistryService(url, tmp_path / "home")
+    try:
+        service.add_base(loras / "base", name="tiny")
+        service.add_owner("acme")
+        for name in ("lora_a", "lora_b"):
+            service.add_expert(loras / name, name=name.replace("_", "-"), owner="acme",
+                               base="tiny", domain=name[-1], kind="lora")  # fmt: skip
+        resolver = RegistryResolver(service)
+        for i, params in enumerate(["{method: ties, density: 0.5}", "{combination: cat}"]):
+            output = "" if "method" in params else "output: {format: lora}"
+            text = _merge(["lora-a", "lora-b"], params, output).replace("base: base", "base: tiny")
+            (tmp_path / f"s{i}.yaml").write_text(text)
+            res = build(load_spec(tmp_path / f"s{i}.yaml"), tmp_path / f"reg{i}", resolver,
+                        progress=False)  # fmt: skip
+            local = build_text(loras, tmp_path / f"local{i}", _merge(["lora_a", "lora_b"],
+                               params, output))  # fmt: skip
+            assert res.files == local.files
+        service.set_policy("lora-b", owner="acme", policy="opt_out")
+        with pytest.raises(OptedOutError, match="lora-b"):
+            build(load_spec(tmp_path / "s1.yaml"), tmp_path / "out", resolver, progress=False)
+        assert not (tmp_path / "out").exists()
+    finally:
+        service.close()
