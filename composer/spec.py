@@ -136,6 +136,17 @@ class RouterSpec(_Model):
 class OutputSpec(_Model):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_shard_size: int | str = "2GB"
+    # merge only: "lora" writes a merged PEFT adapter instead of a checkpoint (docs/adapters.md)
+    format: Literal["checkpoint", "lora"] = "checkpoint"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The default format is left out, so specs written before it existed keep their
+        # canonical JSON and spec_sha256 (and their builds stay byte-identical).
+        out = handler(self)
+        if self.format == "checkpoint":
+            out.pop("format", None)
+        return out
 
     @field_validator("max_shard_size")
     @classmethod

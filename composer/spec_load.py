@@ -92,6 +92,8 @@ def _check_semantics(spec: Spec) -> tuple[tuple[Any, ...], str] | None:
         return ("style",), f"only method 'compose' takes a style, not method {m!r}"
     if m != "compose" and spec.lora is not None:
         return ("lora",), f"only method 'compose' takes lora, not method {m!r}"
+    if m != "merge" and spec.output.format != "checkpoint":
+        return ("output", "format"), f"only method 'merge' writes a LoRA adapter, not {m!r}"
     if m == "upcycle":
         if spec.num_experts is None:
             return ("method",), "method 'upcycle' needs num_experts"

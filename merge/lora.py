@@ -43,7 +43,20 @@ class LoraFactor:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense delta [out, in], computed in float32 and cast to ``dtype``."""
-        return (self.scale * (self.b.float() @ self.a.float())).to(dtype)
+        return self.delta_rows(0, int(self.b.shape[0])).to(dtype)
+
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the float32 delta, the same bits as those rows of ``delta()``.
+
+        A matmul of a row slice need not round like the whole one (BLAS picks kernels by
+        shape), so the product is summed rank by rank with elementwise ops, whose rounding
+        does not depend on the block: streamed merges then equal whole-tensor ones exactly.
+        """
+        b, a = self.b[start:stop].float(), self.a.float()
+        out = torch.zeros((b.shape[0], a.shape[1]), dtype=torch.float32)
+        for k in range(self.rank):
+            out.add_(b[:, k : k + 1] * a[k])
+        return out.mul_(self.scale)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -52,6 +65,12 @@ def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> An
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+def split_lora_key(name: str) -> tuple[str, str] | None:
+    """``(base weight name, "A" or "B")`` of a PEFT adapter tensor name, None for other names."""
+    m = _LORA_KEY.match(name.removeprefix(PEFT_PREFIX))
+    return (f"{m.group('module')}.weight", m.group("ab")) if m else None
 
 
 def lora_factors(

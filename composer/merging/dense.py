@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ from torch import Tensor
 from composer.checkpoint import TORCH_DTYPES, Checkpoint
 from composer.heap import trim_heap
 from composer.merging import streaming
-from composer.merging.streaming import RowReader, block_rows, group_tensors
+from composer.merging.streaming import WORKERS, RowReader, block_rows, group_tensors, torch_threads
 from composer.progress import bar
 from composer.tensor_jobs import OpenCheckpoint, TensorExecutor
 from composer.writer import ShardFiles, TensorSpec, partition
@@ -32,19 +31,6 @@ from merge.state_dict import merge_rows
 
 if TYPE_CHECKING:
     from composer.merging.plan import MergePlan
-
-WORKERS = 2  # the tensors are independent: one per core
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Worker threads each take a core: torch's own intra-op threads would only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_dense(
@@ -105,7 +91,7 @@ def run_dense(
     # follow the workers closely.
     try:
         with (
-            _torch_threads(1 if workers > 1 else torch.get_num_threads()),
+            torch_threads(1 if workers > 1 else torch.get_num_threads()),
             ThreadPoolExecutor(max_workers=workers) as pool,
             bar(len(specs), f"merge {method}", progress) as progress_bar,
         ):

@@ -12,6 +12,7 @@ from composer.errors import BuildError
 from composer.manifest import input_record, library_versions
 from composer.merging.calibrated import run_calibrated
 from composer.merging.dense import run_dense
+from composer.merging.lora_output import run_lora_output
 from composer.merging.moe import run_moe_merge
 from composer.merging.params import MoeMergeSettings
 from composer.merging.plan import MergePlan, open_inputs
@@ -32,6 +33,10 @@ def execute(
     method. ``executor`` runs the per-tensor (dense) and per-layer (moe_merge) work; calibrated
     merges learn from whole-model forward passes and always run here."""
     try:
+        if plan.spec.output.format == "lora":  # an adapter: no config.json
+            params = _effective_params(plan, seed)
+            files, extra = run_lora_output(plan, params, tmp, progress)
+            return Written(files=files, manifest=_manifest(plan, seed, files, extra))
         with open_inputs(plan) as (base, experts):
             files, config, extra = _run(plan, base, experts, tmp, seed, progress, executor)
     except MergeError as exc:

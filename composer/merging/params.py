@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from composer.precision import Bf16Setting, parse_bf16
 from composer.spec import SpecError
+from merge.lora_combine import LORA_COMBINATIONS, LoraCombineParams
 from merge.low_rank import LowRankParams
 from merge.m_smoe import MSMoEParams, UniformMergeParams
 from merge.methods import METHODS, names
@@ -119,7 +120,8 @@ def _validate(spec: Any, model: type[BaseModel], data: dict[str, Any]) -> BaseMo
             allowed = ", ".join(
                 f.alias or k for k, f in model.model_fields.items() if k != "compress"
             )
-            msg = f"unknown parameter; expected one of method, {allowed}"
+            head = "" if "combination" in model.model_fields else "method, "
+            msg = f"unknown parameter; expected one of {head}{allowed}"
         raise spec_error(spec, loc, msg) from None
 
 
@@ -153,9 +155,7 @@ def _files(spec: Any, entries: Any, loc: tuple[Any, ...]) -> list[Path]:
     return out
 
 
-def parse_merge_parameters(spec: Any) -> MergeSettings:
-    """``parameters`` of a ``method: merge`` spec -> MergeSettings (raises SpecError)."""
-    method, raw, build_keys = _split(spec, DENSE_ALGORITHMS)
+def _expert_weights(spec: Any, raw: dict[str, Any]) -> None:
     n = len(spec.experts)
     if "weight" not in raw and any(e.weight != 1.0 for e in spec.experts):
         raw["weight"] = [e.weight for e in spec.experts]  # per-expert weights of the experts list
@@ -163,6 +163,39 @@ def parse_merge_parameters(spec: Any) -> MergeSettings:
         v = raw.get(key)
         if isinstance(v, list) and len(v) != n:
             raise spec_error(spec, (key,), f"has {len(v)} values for {n} experts")
+
+
+def parse_lora_output_parameters(spec: Any) -> MergeSettings:
+    """``parameters`` of a merge into an adapter (``output.format: lora``): ``combination``
+    (PEFT's combination_type) instead of ``method``; ``method`` is refused, since PEFT's
+    ``linear`` / ``ties`` / ``dare_*`` mean something else than the dense methods of those
+    names (docs/adapters.md)."""
+    raw = dict(spec.parameters or {})
+    known = ", ".join(LORA_COMBINATIONS)
+    if "method" in raw:
+        raise spec_error(
+            spec, ("method",), f"output.format lora takes 'combination' (one of {known}), "
+            "not 'method'",
+        )  # fmt: skip
+    if "combination" not in raw:
+        raise spec_error(spec, (), f"output.format lora needs 'combination': one of {known}")
+    if raw["combination"] not in LORA_COMBINATIONS:
+        raise spec_error(
+            spec, ("combination",), f"unknown value {raw['combination']!r}; expected one of "
+            + known,
+        )  # fmt: skip
+    _expert_weights(spec, raw)
+    params = _validate(spec, LoraCombineParams, raw)
+    return MergeSettings(method=str(raw["combination"]), params=params)
+
+
+def parse_merge_parameters(spec: Any) -> MergeSettings:
+    """``parameters`` of a ``method: merge`` spec -> MergeSettings (raises SpecError)."""
+    if spec.output.format == "lora":
+        return parse_lora_output_parameters(spec)
+    method, raw, build_keys = _split(spec, DENSE_ALGORITHMS)
+    n = len(spec.experts)
+    _expert_weights(spec, raw)
     params = _validate(spec, METHODS[method].params, raw)
     calibration = None
     if method in CALIBRATED_ALGORITHMS:

@@ -15,6 +15,8 @@ from typing import Any
 from composer.checkpoint import Checkpoint
 from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
+from composer.merging.adapters import Adapter, AdapterCheckpoint
+from composer.merging.lora_output import plan_lora_output
 from composer.merging.params import (
     MergeSettings,
     MoeMergeSettings,
@@ -65,6 +67,8 @@ class MergePlan:
         return render(rows, self.steps, self.notes)
 
     def _output(self) -> str:
+        if self.spec.output.format == "lora":
+            return "a PEFT LoRA adapter of the base"
         arch = (self.base_config.get("architectures") or ["?"])[0]
         if isinstance(self.settings, MoeMergeSettings):
             before = self.base_config.get("num_local_experts")
@@ -113,7 +117,7 @@ def plan_merge(spec: Spec, resolver: Resolver) -> MergePlan:
             raise PlanError(f"{where}: file {file} does not exist")
     plan = MergePlan(
         spec=spec,
-        method=f"{spec.method}/{settings.method}",
+        method=f"{spec.method}/{'lora/' if spec.output.format == 'lora' else ''}{settings.method}",
         base=base,
         experts=experts,
         settings=settings,
@@ -121,7 +125,9 @@ def plan_merge(spec: Spec, resolver: Resolver) -> MergePlan:
         dtype=dtype,
         max_shard_bytes=parse_size(spec.output.max_shard_size),
     )
-    if isinstance(settings, MergeSettings):
+    if spec.output.format == "lora":
+        plan_lora_output(plan)
+    elif isinstance(settings, MergeSettings):
         _plan_dense(plan)
     else:
         _plan_moe(plan)
@@ -161,10 +167,12 @@ def _plan_dense(plan: MergePlan) -> None:
     spec = plan.spec
     for i, e in enumerate(plan.experts):
         where = spec.where("experts", i)
-        if e.kind not in ("dense", "ffn", "base"):
+        if e.kind not in ("dense", "ffn", "base", "lora"):
             raise PlanError(
-                f"{where}: expert '{e.name}': kind {e.kind!r} cannot be merged (dense or ffn)"
+                f"{where}: expert '{e.name}': kind {e.kind!r} cannot be merged (dense, ffn or lora)"
             )
+        if e.kind == "lora":
+            continue  # checked against the base's tensors below
         cfg = json.loads((e.path / "config.json").read_text())
         for k in _ARCH_KEYS:
             if cfg.get(k) != plan.base_config.get(k):
@@ -176,6 +184,9 @@ def _plan_dense(plan: MergePlan) -> None:
         with open_inputs(plan) as (base, experts):
             for i, (e, ck) in enumerate(zip(plan.experts, experts, strict=True)):
                 try:
+                    if isinstance(ck, AdapterCheckpoint):
+                        ck.adapter.check_fits(base)
+                        continue
                     check_expert_tensors(base, [ck], [e.name])
                 except PlanError as exc:
                     raise located(exc, spec.where("experts", i)) from None
@@ -185,6 +196,11 @@ def _plan_dense(plan: MergePlan) -> None:
     n = len(plan.experts)
     plan.steps.append(Step("resolve", f"{1 + n} inputs, consent checked"))
     plan.steps.append(Step("verify", "experts have the base's tensor names, shapes and dtypes"))
+    if any(e.kind == "lora" for e in plan.experts):
+        plan.notes.append(
+            "LoRA experts enter as base + scale * B @ A (their task vector; zero on the weights "
+            "they do not adapt)"
+        )
     if isinstance(s, MergeSettings) and s.calibrated:
         t = s.tokens
         plan.steps.append(
@@ -263,12 +279,17 @@ def check_expert_tensors(base: Checkpoint, experts: Sequence[Checkpoint], names:
 
 
 @contextmanager
-def open_inputs(plan: MergePlan) -> Iterator[tuple[Checkpoint, list[Checkpoint]]]:
-    """The plan's base and experts opened; all closed on exit, also when one fails to open."""
-    cks: list[Checkpoint] = []
+def open_inputs(plan: MergePlan) -> Iterator[tuple[Checkpoint, list[Any]]]:
+    """The plan's base and experts opened (a LoRA expert as an AdapterCheckpoint: base +
+    delta); all closed on exit, also when one fails to open."""
+    cks: list[Any] = []
     try:
         cks.append(Checkpoint(plan.base.path))
-        cks += [Checkpoint(e.path) for e in plan.experts]
+        for e in plan.experts:
+            if e.kind == "lora":
+                cks.append(AdapterCheckpoint(cks[0], Adapter(e.path)))
+            else:
+                cks.append(Checkpoint(e.path))
         yield cks[0], cks[1:]
     finally:
         for ck in cks:

@@ -8,7 +8,8 @@ Shared by the dense, calibrated and moe_merge executors (composer.merging.dense,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,18 @@ BLOCK_ENTRIES = 1 << 21
 # Tensors up to this size (per input) are read whole, once; larger ones in blocks, again for
 # every pass over them (TIES's selection reads a large tensor two or three times).
 WHOLE_READ_BYTES = 8 << 20
+WORKERS = 2  # tensors (or adapted weights) are independent: one worker thread per core
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Worker threads each take a core: torch's own intra-op threads would only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def block_rows(shape: tuple[int, ...], inputs: int, block_entries: int | None = None) -> int:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from composer.tiny_models import make_tiny_llama, perturb_ffn
+from composer.tiny_models import make_tiny_llama, make_tiny_lora, perturb_ffn
 
 # Tiny models run fastest on one thread, and the machine's 2 cores are shared.
 torch.set_num_threads(1)
@@ -54,4 +57,27 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cal.mkdir()
     for name, text in TEXT.items():
         (cal / f"{name}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="session")
+def loras(models: Path) -> Path:
+    """PEFT adapters of models/base beside the other tiny models: lora_a (FFN, rank 4), lora_b
+    (q_proj and two FFN weights, alpha 4), lora_c (FFN, rank 6), and lora_a_full / lora_b_full,
+    the full checkpoints merge.lora.apply_lora makes of the first two."""
+    from merge.lora import apply_lora, lora_factors
+
+    root = models
+    make_tiny_lora(root / "base", root / "lora_a", seed=11)
+    make_tiny_lora(root / "base", root / "lora_b", seed=12, alpha=4.0,
+                   targets=("q_proj", "up_proj", "down_proj"))  # fmt: skip
+    make_tiny_lora(root / "base", root / "lora_c", seed=13, rank=6, alpha=12.0)
+    base_sd = load_file(root / "base" / "model.safetensors")
+    for n in ("lora_a", "lora_b"):
+        config = json.loads((root / n / "adapter_config.json").read_text())
+        factors = lora_factors(load_file(root / n / "adapter_model.safetensors"), config)
+        full = root / f"{n}_full"
+        full.mkdir()
+        shutil.copy(root / "base" / "config.json", full / "config.json")
+        save_file(apply_lora(base_sd, factors), full / "model.safetensors")
     return root
