@@ -37,6 +37,18 @@ def train(
             "false.",
         ),
     ] = "auto",
+    lora: Annotated[
+        int | None,
+        typer.Option(
+            "--lora",
+            metavar="R",
+            help="Train a LoRA expert of rank R on the FFN projections (public FFN frozen) and "
+            "write a PEFT adapter folder instead of a full checkpoint.",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option("--alpha", help="LoRA alpha (scale alpha/R); default 2 x R.")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Train an expert FFN (plus its router row and bias) against a frozen public model."""
@@ -47,10 +59,16 @@ def train(
         precision = parse_bf16(bf16)
     except ValueError as e:
         raise ComposerError(f"--bf16: {e}") from None
+    if alpha is not None and lora is None:
+        raise ComposerError("--alpha: needs --lora R (alpha scales a LoRA expert)")
+    if lora is not None and lora < 1:
+        raise ComposerError(f"--lora: rank must be >= 1, got {lora}")
+    if alpha is not None and alpha <= 0:
+        raise ComposerError(f"--alpha: must be > 0, got {alpha}")
     result = train_expert(
         public, [str(p) for p in data], out, domain=domain, layers=layers, steps=steps,
         seq_len=seq_len, batch_size=batch_size, lr=lr, seed=seed, progress=not json_out,
-        bf16=precision,
+        bf16=precision, lora_rank=lora, lora_alpha=alpha,
     )  # fmt: skip
     doc = {
         "out_dir": str(result.out_dir),
@@ -59,6 +77,7 @@ def train(
         "final_loss": result.losses[-1] if result.losses else None,
         "heldout_ppl_public": result.public_ppl,
         "heldout_ppl_expert": result.expert_ppl,
+        "lora": result.config.get("lora_rank"),
         "wall_s": round(result.wall_s, 2),
     }
     if json_out:

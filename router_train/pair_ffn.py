@@ -91,5 +91,11 @@ class PairFFN(nn.Module):
         w = self.routing_weights(x).to(x.dtype)
         return w[..., 0:1] * self.public_ffn(x) + w[..., 1:2] * self.expert_ffn(x)
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The expert FFN's own parameters: all of a full copy's, only the factors of a LoRA
+        expert (router_train.lora_ffn), whose base weights are the public FFN's, shared."""
+        public = {id(p) for p in self.public_ffn.parameters()}
+        return [p for p in self.expert_ffn.parameters() if id(p) not in public]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [*self.expert_ffn.parameters(), self.expert_row, self.expert_bias]
+        return [*self.expert_parameters(), self.expert_row, self.expert_bias]

@@ -15,6 +15,7 @@ from torch import nn
 from router_train.autocast import autocast
 from router_train.batches import seeded_batches
 from router_train.layers import decoder_layers
+from router_train.lora_ffn import lora_expert_ffn
 from router_train.pair_ffn import PairFFN, init_router_from_domain_embedding
 
 
@@ -24,16 +25,22 @@ def install_pair_ffns(
     *,
     top_k: int = 2,
     bias_margin: float = 0.0,
+    lora: tuple[int, float] | None = None,
 ) -> dict[int, PairFFN]:
     """Replace ``layer.mlp`` by a PairFFN in every layer that has a domain embedding and freeze all
-    parameters except each expert FFN, expert router row and bias."""
+    parameters except each expert FFN, expert router row and bias.
+
+    ``lora=(rank, alpha)``: the expert FFN is the public FFN (shared, frozen) plus LoRA factors on
+    its gate/up/down projections (router_train.lora_ffn); only the factors train."""
     for p in model.parameters():
         p.requires_grad_(False)
     pairs: dict[int, PairFFN] = {}
     layers = decoder_layers(model)
     for i, emb in sorted(domain_embeddings.items()):
         row, bias = init_router_from_domain_embedding(emb, bias_margin)
-        pair = PairFFN(layers[i].mlp, expert_row=row, expert_bias=bias, top_k=top_k)
+        public = layers[i].mlp
+        expert = lora_expert_ffn(public, *lora) if lora is not None else None
+        pair = PairFFN(public, expert, expert_row=row, expert_bias=bias, top_k=top_k)
         for p in pair.trainable_parameters():
             p.requires_grad_(True)
         layers[i].mlp = pair
@@ -65,12 +72,12 @@ def train_pairs(
     desc: str = "expert",
     progress: bool = True,
 ) -> list[float]:
-    """AdamW on the expert FFNs (``lr``), rows and biases (``router_lr``, default 10 x ``lr``);
-    batches drawn from a seeded permutation of the chunks (re-shuffled each epoch). Returns the
-    loss of every step."""
+    """AdamW on the expert FFNs' own parameters (``lr``; a LoRA expert's factors only), rows and
+    biases (``router_lr``, default 10 x ``lr``); batches drawn from a seeded permutation of the
+    chunks (re-shuffled each epoch). Returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    ffn_params = [p for pr in pairs.values() for p in pr.expert_ffn.parameters()]
+    ffn_params = [p for pr in pairs.values() for p in pr.expert_parameters()]
     router_params = [p for pr in pairs.values() for p in (pr.expert_row, pr.expert_bias)]
     base_lrs = [lr, router_lr or 10 * lr]
     opt = torch.optim.AdamW(

@@ -12,6 +12,11 @@ A data owner turns local text into a registrable FlexOlmo expert without sharing
    norms and embeddings frozen (router_train.pair_train);
 4. the artifact is written atomically (composer.train.artifact).
 
+With ``lora_rank`` the owner's expert FFN is the public FFN plus a LoRA delta on its gate, up and
+down projections (router_train.lora_ffn): only the factors, router row and bias train, and the
+artifact is a PEFT adapter folder plus ``composer_expert.safetensors``
+(composer.train.lora_artifact): a few MB instead of a full checkpoint.
+
 Tiny test models have no tokenizer: pass ``tokenizer="bytes"`` (UTF-8 bytes as ids 0..255, needs a
 vocabulary of at least 256) or pre-tokenised :class:`TokenChunks` instead of paths.
 """
@@ -25,15 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from composer import precision
 from composer.precision import Bf16Setting
 from composer.text import TokenChunks, Tokenizer, load_token_chunks, load_tokenizer
 from composer.train.artifact import FORMAT_TAG, write_expert_artifact
 from composer.train.evaluate import load_causal_lm, perplexity
+from composer.train.lora_artifact import write_lora_artifact
+from registry.checkpoint import inspect_folder
+from registry.compat import BASE_FINGERPRINT_KEY
 from router_train.domain_embedding import compute_domain_embeddings
 from router_train.layers import decoder_layers, parse_layers
+from router_train.lora_ffn import lora_factors_of
 from router_train.pair_ffn import public_router_row
 from router_train.pair_train import install_pair_ffns, train_pairs
 
@@ -62,6 +71,20 @@ class TrainConfig(BaseModel):
         "auto", description="bf16 autocast in the forward pass; auto: where bf16 is native"
     )
     num_threads: int | None = None
+    lora_rank: int | None = Field(None, ge=1, description="train a LoRA expert of this rank")
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha; default 2 x rank")
+
+    @model_validator(mode="after")
+    def _alpha_needs_rank(self) -> TrainConfig:
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ValueError("lora_alpha (--alpha) needs lora_rank (--lora)")
+        return self
+
+    def lora(self) -> tuple[int, float] | None:
+        """(rank, alpha) of a LoRA expert, None for a full FFN copy."""
+        if self.lora_rank is None:
+            return None
+        return self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank
 
 
 @dataclass
@@ -146,7 +169,10 @@ def train_expert(
     embeddings = compute_domain_embeddings(
         model, data.train[: cfg.embed_chunks], layer_ids, cfg.batch_size
     )
-    pairs = install_pair_ffns(model, embeddings, top_k=cfg.top_k, bias_margin=cfg.bias_margin)
+    lora = cfg.lora()
+    pairs = install_pair_ffns(
+        model, embeddings, top_k=cfg.top_k, bias_margin=cfg.bias_margin, lora=lora
+    )
 
     t_train = time.perf_counter()
     losses = train_pairs(
@@ -170,10 +196,14 @@ def train_expert(
     )
 
     ffn_weights: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     extras: dict[str, torch.Tensor] = {}
     for i, pair in pairs.items():
-        for k, v in pair.expert_ffn.state_dict().items():
-            ffn_weights[f"model.layers.{i}.mlp.{k}"] = v
+        if lora is None:
+            for k, v in pair.expert_ffn.state_dict().items():
+                ffn_weights[f"model.layers.{i}.mlp.{k}"] = v
+        for proj, ab in lora_factors_of(pair.expert_ffn).items():
+            factors[f"model.layers.{i}.mlp.{proj}"] = ab
         extras[f"model.layers.{i}.domain_embedding"] = embeddings[i]
         extras[f"model.layers.{i}.router_row"] = pair.expert_row.detach()
         extras[f"model.layers.{i}.router_bias"] = pair.expert_bias.detach()
@@ -186,7 +216,18 @@ def train_expert(
         "steps": str(cfg.steps),
         "seed": str(cfg.seed),
     }
-    write_expert_artifact(public_dir, out_dir, ffn_weights, extras, metadata, overwrite=overwrite)
+    if lora is None:
+        write_expert_artifact(
+            public_dir, out_dir, ffn_weights, extras, metadata, overwrite=overwrite
+        )
+    else:
+        # A LoRA carries no base weights: the base's fingerprint is what ties it to its base.
+        fingerprint = inspect_folder(public_dir).fingerprint()
+        metadata.update(expert_kind="lora", lora_rank=str(lora[0]), lora_alpha=repr(lora[1]))
+        metadata[BASE_FINGERPRINT_KEY] = fingerprint
+        write_lora_artifact(
+            public_dir, out_dir, factors, *lora, extras, metadata, overwrite=overwrite
+        )
     return TrainResult(
         out_dir=out_dir,
         losses=losses,
