@@ -142,6 +142,13 @@ def _show_build(service: Any, ref: str) -> dict[str, Any]:
 def _print_expert(doc: dict[str, Any]) -> None:
     for k in ("ref", "owner", "domain", "kind", "policy", "base", "base_fingerprint", "sha256"):
         console.print(f"[bold]{k}[/bold]: {doc[k]}")
+    if lora := doc.get("lora"):
+        layers = ",".join(str(i) for i in lora["layers"]) or "-"
+        style = "FFN only (composable FlexOlmo-style)" if lora["only_ffn"] else "not FFN only"
+        console.print(
+            f"[bold]lora[/bold]: rank {lora['rank']}, alpha {lora['alpha']:g}, targets "
+            f"{','.join(lora['targets'])}, layers {layers}; {style}"
+        )
     print_table("files", doc["files"], ["path", "sha256", "size"])
     print_table("policy history", doc["policy_history"], ["at", "actor", "from", "to"])
 

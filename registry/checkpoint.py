@@ -199,6 +199,21 @@ def scan_safetensors(
     return file_hash.hexdigest(), size, tensors
 
 
+def safetensors_metadata(p: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (string to string; {} when it has none)."""
+    with Path(p).open("rb") as f:
+        (n,) = struct.unpack("<Q", _read_exact(f, 8, p))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{p}: corrupted safetensors file: header length {n}")
+        try:
+            meta = json.loads(_read_exact(f, n, p)).get("__metadata__") or {}
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{p}: corrupted safetensors file: bad JSON header ({e})") from e
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{p}: __metadata__ must map strings to strings")
+    return meta
+
+
 def _check_entry(p: Path, name: str, meta: Any) -> tuple[str, str, tuple[int, ...], int, int]:
     try:
         dtype = str(meta["dtype"])

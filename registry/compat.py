@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from registry.checkpoint import EXPERT_FILE, CheckpointInfo
+from registry.checkpoint import ADAPTER_CONFIG, EXPERT_FILE, CheckpointInfo, safetensors_metadata
 from registry.errors import CheckpointError
+from registry.lora import check_lora_config, lora_key
 from registry.tensor_names import is_ffn
 
 EXPERT_KINDS = ("ffn", "dense", "lora")
-_PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+# composer_expert.safetensors metadata: the fingerprint of the base an adapter was trained on.
+BASE_FINGERPRINT_KEY = "base_fingerprint"
 _EXTRA_KEY = re.compile(r"^model\.layers\.(\d+)\.(domain_embedding|router_row|router_bias|\w+)$")
 
 
@@ -21,10 +22,13 @@ def check_fits_base(
     base_architecture: str,
     base_config: dict[str, Any],
     base_tensors: dict[str, list[Any]],
+    base_fingerprint: str | None = None,
 ) -> None:
     """Raise CheckpointError naming the first tensor that does not fit the base.
 
-    base_tensors maps name -> [dtype, shape, sha256], as stored with a registered base.
+    base_tensors maps name -> [dtype, shape, sha256], as stored with a registered base. A LoRA
+    expert whose composer_expert.safetensors records the fingerprint of the base it was trained
+    on must name ``base_fingerprint`` (shapes alone cannot tell two same-sized bases apart).
     """
     where = expert.path
     if kind not in EXPERT_KINDS:
@@ -34,7 +38,10 @@ def check_fits_base(
             raise CheckpointError(
                 f"{where}: --kind lora needs a PEFT adapter folder (adapter_config.json)"
             )
+        check_lora_config(expert.config, str(expert.path / ADAPTER_CONFIG))
         _check_lora(expert, base_tensors)
+        _check_extras(expert, base_config)
+        _check_trained_on(expert, base_fingerprint)
         return
     if expert.kind != "model":
         raise CheckpointError(
@@ -84,33 +91,41 @@ def _check_extras(expert: CheckpointInfo, base_config: dict[str, Any]) -> None:
             raise CheckpointError(f"{where}: shape {list(t.shape)}, expected a scalar")
 
 
+def _check_trained_on(expert: CheckpointInfo, base_fingerprint: str | None) -> None:
+    if EXPERT_FILE not in expert.manifest:
+        return
+    recorded = safetensors_metadata(expert.path / EXPERT_FILE).get(BASE_FINGERPRINT_KEY)
+    if recorded and base_fingerprint and recorded != base_fingerprint:
+        raise CheckpointError(
+            f"{expert.path / EXPERT_FILE}: {BASE_FINGERPRINT_KEY}: the adapter was trained on a "
+            f"base with fingerprint {recorded[:12]}..., not this base ({base_fingerprint[:12]}...)"
+        )
+
+
 def _check_lora(expert: CheckpointInfo, base_tensors: dict[str, list[Any]]) -> None:
     ranks: dict[str, dict[str, tuple[int, ...]]] = {}
     for name, t in sorted(expert.tensors.items()):
         where = f"{expert.path / t.file}: tensor '{name}'"
-        key = name.removeprefix(_PEFT_PREFIX)
-        m = _LORA_KEY.match(key)
-        if not m:
-            target = key if key in base_tensors else None
-            if target is None:
-                raise CheckpointError(f"{where} does not name a LoRA weight or a base tensor")
-            if t.shape != tuple(base_tensors[target][1]):
-                raise CheckpointError(f"{where}: shape {list(t.shape)} does not fit the base")
-            continue
-        module = m.group("module")
+        key = lora_key(name)
+        if key is None:
+            raise CheckpointError(
+                f"{where} is not a lora_A / lora_B weight (embedding LoRAs, biases and "
+                "modules_to_save are refused)"
+            )
+        module, ab = key
         base_name = f"{module}.weight"
         if base_name not in base_tensors:
             raise CheckpointError(f"{where}: targets '{base_name}', which the base does not have")
         if len(t.shape) != 2:
             raise CheckpointError(f"{where}: expected a 2-D LoRA matrix, got {list(t.shape)}")
         out_f, in_f = base_tensors[base_name][1]
-        ok = t.shape[1] == in_f if m.group("ab") == "A" else t.shape[0] == out_f
+        ok = t.shape[1] == in_f if ab == "A" else t.shape[0] == out_f
         if not ok:
             raise CheckpointError(
                 f"{where}: shape {list(t.shape)} does not fit base tensor '{base_name}' "
                 f"of shape {[out_f, in_f]}"
             )
-        ranks.setdefault(module, {})[m.group("ab")] = t.shape
+        ranks.setdefault(module, {})[ab] = t.shape
     for module, ab in sorted(ranks.items()):
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{expert.path}: module '{module}' has lora_A or lora_B missing")

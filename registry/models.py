@@ -116,6 +116,8 @@ class ExpertVersion(Base):
     policy: Mapped[Policy] = mapped_column(Enum(Policy, name="policy"), default=Policy.opt_in)
     policy_updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # LoRA versions: registry.lora.LoraSummary (rank, alpha, targets, layers, only_ffn); else None.
+    lora: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
     expert: Mapped[Expert] = relationship(back_populates="versions")
     base: Mapped[PublicModel] = relationship()
     artifact: Mapped[Artifact] = relationship()

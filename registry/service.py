@@ -28,6 +28,7 @@ from registry.checkpoint import CheckpointInfo, hash_file, inspect_folder
 from registry.compat import EXPERT_KINDS, check_fits_base
 from registry.errors import CheckpointError, IntegrityFailure, RegistryError
 from registry.keys import hash_key, new_secret
+from registry.lora import lora_summary
 from registry.models import (
     ApiKey,
     Artifact,
@@ -150,7 +151,11 @@ class RegistryService:
                 _refuse_same_files(expert_row, info)
                 if version is not None and _find_version(expert_row, version):
                     raise RegistryError(f"expert '{name}@{version}' already exists")
-            check_fits_base(info, kind, base_row.architecture, base_row.config, base_row.tensors)
+            check_fits_base(
+                info, kind, base_row.architecture, base_row.config, base_row.tensors,
+                base_fingerprint=base_row.fingerprint,
+            )  # fmt: skip
+        lora = lora_summary(info).as_dict() if kind == "lora" else None
 
         dup = f"expert '{name}@{version}' already exists"
         with self._publishing(info, duplicate=dup) as (s, artifact):
@@ -174,6 +179,7 @@ class RegistryService:
                 base_fingerprint=base_row.fingerprint,
                 artifact=artifact(),
                 policy=Policy.opt_in,
+                lora=lora,
             )
             s.add(ev)
             s.flush()
@@ -579,6 +585,7 @@ def _version_dict(ev: ExpertVersion) -> dict[str, Any]:
         "sha256": ev.artifact.manifest_sha256,
         "size": ev.artifact.total_size,
         "created_at": ev.created_at.isoformat(),
+        "lora": ev.lora,
     }
 
 
