@@ -10,7 +10,8 @@ composed model, then generates an answer with the composed model.
 Settings trade quality for time on 2 CPU cores (docs/demo.md): QUICK, the default, fits 30
 minutes in float32 on 2 AVX2 cores without native bf16; COMPOSER_DEMO_FULL=1 runs the previous,
 longer demo. Precision is composer.precision's choice (bf16 autocast only where native).
-COMPOSER_DEMO_<FIELD> overrides one field of DemoSettings.
+COMPOSER_DEMO_<FIELD> overrides one field of DemoSettings. COMPOSER_DEMO_LORA=1 (the LoRA variant,
+docs/adapters.md) has the code owner train a rank-16 LoRA expert instead of a full FFN copy.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class DemoSettings:
     tune_steps: int  # router.tune.steps of the flexmix build
     tune_loss_sequences: int  # router.tune.loss_sequences: what the recorded loss is taken on
     cross_eval: bool  # score every expert on every domain (else each on its own domain)
+    lora_rank: int = 0  # > 0: the LORA_OWNERS train a LoRA expert of this rank (docs/adapters.md)
 
     @property
     def tune_chunks(self) -> int:
@@ -65,10 +67,18 @@ FULL = DemoSettings("every:4", 80, 128, 8, 3e-4, 24, 128 * 128, 2048, 80, 32, Tr
 QUICK = DemoSettings("every:4", 16, 128, 8, 3e-4, 16, 128 * 128, 2048, 10, 8, False)
 
 
+# The owners that train a LoRA expert in the LoRA variant, and its default rank.
+LORA_OWNERS = ("code",)
+LORA_RANK = 16
+
+
 def settings_from_env(env: dict[str, str] | None = None) -> DemoSettings:
-    """QUICK, or FULL with COMPOSER_DEMO_FULL=1; COMPOSER_DEMO_<FIELD> overrides one field."""
+    """QUICK, or FULL with COMPOSER_DEMO_FULL=1; COMPOSER_DEMO_<FIELD> overrides one field;
+    COMPOSER_DEMO_LORA=1 is the LoRA variant (lora_rank LORA_RANK unless _LORA_RANK says)."""
     env = dict(os.environ if env is None else env)
     base = FULL if env.get("COMPOSER_DEMO_FULL", "0") not in ("", "0") else QUICK
+    if env.get("COMPOSER_DEMO_LORA", "0") not in ("", "0"):
+        base = replace(base, lora_rank=LORA_RANK)
     over: dict[str, Any] = {}
     for f in fields(DemoSettings):
         raw = env.get(f"COMPOSER_DEMO_{f.name.upper()}")
@@ -141,20 +151,31 @@ def main() -> None:
             owner = f"{domain}-owner"
             service.add_owner(owner)
             console.print(f"[bold]{owner}[/bold] trains '{domain}' on {', '.join(paths)}")
+            lora = S.lora_rank if S.lora_rank and domain in LORA_OWNERS else None
             # No held-out evaluation here: step 5 scores the same held-out chunks.
             res = train_expert(
                 public, paths, HOME / "experts" / domain, domain=domain, layers=S.layers,
                 steps=S.steps, seq_len=S.seq_len, batch_size=S.batch, seed=0,
-                max_heldout_chunks=0, lr=S.lr,
+                max_heldout_chunks=0, lr=S.lr, lora_rank=lora,
             )  # fmt: skip
+            kind = "lora" if lora else "ffn"
             doc = service.add_expert(
-                res.out_dir, name=domain, owner=owner, base="smollm2", domain=domain, kind="ffn"
+                res.out_dir, name=domain, owner=owner, base="smollm2", domain=domain, kind=kind
             )
             console.print(
                 f"  {doc['ref']} registered ({res.train_s:.0f} s for {S.steps} steps, "
                 f"loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f})"
             )
 
+    if S.lora_rank:
+        # Composing LoRA experts FlexOlmo-style is the compose build's part of issue 16; until it
+        # lands, the LoRA variant ends with the owners' training and registration.
+        console.print(
+            f"LoRA variant: {', '.join(LORA_OWNERS)} registered as rank-{S.lora_rank} LoRA "
+            "experts; composing them is not part of this build yet, so the demo stops here."
+        )
+        console.print(stages.summary(compute))
+        return
     with stages("3. each owner contributes a small proxy sample of its training text"):
         from composer.text import HFTokenizer
 
