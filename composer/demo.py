@@ -11,7 +11,8 @@ Settings trade quality for time on 2 CPU cores (docs/demo.md): QUICK, the defaul
 minutes in float32 on 2 AVX2 cores without native bf16; COMPOSER_DEMO_FULL=1 runs the previous,
 longer demo. Precision is composer.precision's choice (bf16 autocast only where native).
 COMPOSER_DEMO_<FIELD> overrides one field of DemoSettings. COMPOSER_DEMO_LORA=1 (the LoRA variant,
-docs/adapters.md) has the code owner train a rank-16 LoRA expert instead of a full FFN copy.
+docs/adapters.md) has the code owner train a rank-16 LoRA expert instead of a full FFN copy; the
+builds take it as a LoRA expert (materialised, docs/adapters.md "Composing LoRA experts").
 """
 
 from __future__ import annotations
@@ -167,15 +168,6 @@ def main() -> None:
                 f"loss {res.losses[0]:.2f} -> {res.losses[-1]:.2f})"
             )
 
-    if S.lora_rank:
-        # Composing LoRA experts FlexOlmo-style is the compose build's part of issue 16; until it
-        # lands, the LoRA variant ends with the owners' training and registration.
-        console.print(
-            f"LoRA variant: {', '.join(LORA_OWNERS)} registered as rank-{S.lora_rank} LoRA "
-            "experts; composing them is not part of this build yet, so the demo stops here."
-        )
-        console.print(stages.summary(compute))
-        return
     with stages("3. each owner contributes a small proxy sample of its training text"):
         from composer.text import HFTokenizer
 

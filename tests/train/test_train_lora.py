@@ -172,3 +172,22 @@ def test_demo_lora_variant_settings() -> None:
     assert got == type(QUICK)(**{**QUICK.__dict__, "lora_rank": 16})
     both = {"COMPOSER_DEMO_LORA": "1", "COMPOSER_DEMO_LORA_RANK": "8"}
     assert settings_from_env(both).lora_rank == 8
+
+
+def test_composed_lora_expert_is_the_trained_model(
+    trained: TrainResult, tiny_llama: Path, pattern_data: TokenChunks, tmp_path: Path
+) -> None:
+    """The trained adapter, composed with its public model (N = 1, top-2, routers as trained,
+    materialised; `lora: shared` equals it by tests/builds/test_build_lora.py), is the model its
+    owner trained. (`lora: shared` was checked the same way once: equal too.)"""
+    from composer.build import build
+    from composer.inputs import LocalPathResolver
+    from composer.spec_load import parse_spec
+
+    spec = parse_spec(
+        f"method: compose\nstyle: flexolmo\nbase: {tiny_llama}\nexperts: [{trained.out_dir}]\n"
+        f"top_k: 2\nmoe_layers: [0, 1]\nrouter: {{init: trained}}\n"
+    )
+    out = build(spec, tmp_path / "composed", LocalPathResolver(), progress=False).out_dir
+    composed = perplexity(out, pattern_data.heldout)
+    assert composed == pytest.approx(trained.expert_ppl, rel=1e-4)
