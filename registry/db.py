@@ -136,10 +136,18 @@ class Registry:
         return self.engine.url.render_as_string(hide_password=True)
 
     def check_initialised(self) -> None:
+        """Refuse a database without the schema, or with an older one (a new column would fail
+        later as an SQL error in the middle of a command)."""
         if not inspect(self.engine).has_table("alembic_version"):
             raise NotInitialisedError(
                 f"registry database {self.display_url} is not initialised: run "
                 "`composer registry init`"
+            )
+        have, want = current_revision(self.engine), head_revision(self.url)
+        if have != want:
+            raise NotInitialisedError(
+                f"registry database {self.display_url} has schema {have}; this version of "
+                f"composer needs {want}: run `composer registry init` (it migrates in place)"
             )
 
     @contextmanager

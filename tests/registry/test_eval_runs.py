@@ -52,7 +52,7 @@ def test_runs_are_recorded_and_listed(cli, tmp_path: Path) -> None:
     assert run["id"] == run_id
     assert run["mask"] == REPORT["experts"] and run["data"] == REPORT["data"]
     assert run["results"] == {"perplexity": {"code": 12.5}, "opt_out_matrix": None,
-                              "routing": None}  # fmt: skip
+                              "routing": None, "lm_eval": None}  # fmt: skip
     for ref in ("flexmix", f"#{build_id}"):
         doc = json.loads(cli("registry", "show", ref, "--json").stdout)
         assert doc["id"] == build_id and [r["id"] for r in doc["eval_runs"]] == [run_id]
