@@ -54,7 +54,7 @@ def execute(
             f"(expert '{next(e.name for e in plan.experts if e.kind == 'lora')}' is an adapter); "
             "build without --ray"
         )
-    opened: list[Any] = []  # Checkpoint, or LoraExpert over the base
+    opened: list[Any] = []  # Checkpoint, or AdapterCheckpoint over the base
     try:
         opened.append(Checkpoint(plan.base.path))
         opened += [open_expert(e.kind, e.path, opened[0]) for e in plan.experts]
@@ -86,7 +86,7 @@ def _write(
         routers, bias = compute_routers(plan, base, experts, seed)
         b.update(len(plan.moe_layers))
     shared = plan.lora == "shared"
-    if shared:  # plan checked that every expert is a LoraExpert
+    if shared:  # plan checked that every expert is an AdapterCheckpoint
         recipe = build_shared_recipe(plan, base, experts, routers, bias)  # type: ignore[arg-type]
     else:
         recipe = build_recipe(plan, base, experts, routers, bias)

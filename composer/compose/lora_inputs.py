@@ -1,6 +1,7 @@
-"""LoRA experts as compose inputs: a PEFT adapter folder seen as the full checkpoint it stands for.
+"""LoRA experts as compose inputs: a PEFT adapter folder checked against the base, then opened.
 
-The materialised path (`lora: materialised`) needs nothing else: :class:`LoraExpert` answers
+Plan-time checks read only the adapter's header. At build time the materialised path (`lora:
+materialised`) needs nothing else: composer.adapter_checkpoint.AdapterCheckpoint answers
 `read(name)` with base + scale * B @ A (merge.lora, the same float32 sum and single rounding as
 `apply_lora` and PEFT's merge_and_unload) and every other tensor from the base, so verification,
 router rows (the adapter folder's composer_expert.safetensors) and the recipe treat it like a full
@@ -9,16 +10,13 @@ expert. The shared-base path reads its factors (`factors`) instead of dense weig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import torch
-
+from composer.adapter_checkpoint import Adapter, AdapterCheckpoint
 from composer.checkpoint import Checkpoint, SafetensorsFile
 from composer.errors import PlanError
-from merge.lora import PEFT_PREFIX, LoraFactor, lora_factors
-from registry.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from merge.lora import PEFT_PREFIX
+from registry.checkpoint import ADAPTER_WEIGHTS
 from registry.tensor_names import is_ffn
 
 
@@ -72,52 +70,6 @@ def check_lora_expert(
             )
 
 
-def read_factors(folder: Path) -> dict[str, LoraFactor]:
-    """The adapter's factors keyed by the base weight they change (merge.lora's reading)."""
-    from safetensors.torch import load_file
-
-    config: dict[str, Any] = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
-    return lora_factors(load_file(Path(folder) / ADAPTER_WEIGHTS), config)
-
-
-class LoraExpert:
-    """The Checkpoint interface compose reads, over a base checkpoint plus an adapter."""
-
-    def __init__(self, folder: Path, base: Checkpoint):
-        self.path = Path(folder)  # the adapter folder: composer_expert.safetensors lives here
-        self.base = base
-        self.config = base.config
-        self.factors = read_factors(folder)
-
-    @property
-    def num_layers(self) -> int:
-        return self.base.num_layers
-
-    def tensor_names(self) -> list[str]:
-        return self.base.tensor_names()
-
-    def keys(self) -> list[str]:
-        return self.base.tensor_names()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.base
-
-    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        return self.base.meta(name)
-
-    def read(self, name: str) -> torch.Tensor:
-        w = self.base.read(name)
-        f = self.factors.get(name)
-        return w if f is None else (w.float() + f.delta()).to(w.dtype)
-
-    def same_bytes(self, name: str, other: Checkpoint) -> bool:
-        if name in self.factors:
-            return bool(torch.equal(self.read(name), other.read(name)))
-        return self.base.same_bytes(name, other)
-
-    def close(self) -> None:  # the base is closed by whoever opened it
-        pass
-
-
-def open_expert(kind: str, folder: Path, base: Checkpoint) -> Checkpoint | LoraExpert:
-    return LoraExpert(folder, base) if kind == "lora" else Checkpoint(folder)
+def open_expert(kind: str, folder: Path, base: Checkpoint) -> Checkpoint | AdapterCheckpoint:
+    """A compose input: a full checkpoint, or a LoRA adapter over the opened ``base``."""
+    return AdapterCheckpoint(base, Adapter(folder)) if kind == "lora" else Checkpoint(folder)

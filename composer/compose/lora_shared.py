@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from composer.adapter_checkpoint import AdapterCheckpoint
 from composer.checkpoint import Checkpoint
 from composer.compose.arch import PROJS, dense_ffn_key
-from composer.compose.lora_inputs import LoraExpert
 from composer.compose.plan import Plan
 from composer.compose.recipe import Recipe, SourceJob, out_dtype, shared_keys
 from composer.writer import TensorSpec
@@ -24,7 +24,7 @@ def _expert_key(layer: int, expert: int, proj: str, part: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.{part}"
 
 
-def lora_ranks(plan: Plan, experts: list[LoraExpert]) -> list[list[dict[str, int]]]:
+def lora_ranks(plan: Plan, experts: list[AdapterCheckpoint]) -> list[list[dict[str, int]]]:
     """config.lora_ranks: per MoE layer, per output expert (the public one has none), proj ->
     rank of the factors stored for it."""
     out = []
@@ -41,14 +41,14 @@ def lora_ranks(plan: Plan, experts: list[LoraExpert]) -> list[list[dict[str, int
     return out
 
 
-def config_extra(plan: Plan, experts: list[LoraExpert]) -> dict[str, Any]:
+def config_extra(plan: Plan, experts: list[AdapterCheckpoint]) -> dict[str, Any]:
     return {"moe_layers": list(plan.moe_layers), "lora_ranks": lora_ranks(plan, experts)}
 
 
 def build_shared_recipe(
     plan: Plan,
     base: Checkpoint,
-    experts: list[LoraExpert],
+    experts: list[AdapterCheckpoint],
     routers: dict[int, torch.Tensor],
     router_bias: dict[int, torch.Tensor],
 ) -> Recipe:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from composer.adapter_checkpoint import Adapter
 from composer.checkpoint import DTYPE_NAMES, TORCH_DTYPES, Checkpoint
 from composer.errors import PlanError
-from composer.merging.adapters import Adapter
 from composer.merging.params import param_where
 from composer.merging.streaming import WORKERS, torch_threads
 from composer.plan import Step

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from composer.adapter_checkpoint import Adapter, AdapterCheckpoint
 from composer.checkpoint import Checkpoint
 from composer.errors import PlanError, located
 from composer.inputs import ResolvedInput, Resolver
-from composer.merging.adapters import Adapter, AdapterCheckpoint
 from composer.merging.lora_output import plan_lora_output
 from composer.merging.params import (
     MergeSettings,

@@ -17,6 +17,7 @@ Folders under the session root (refs in the specs are relative to it, see build_
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,9 +26,8 @@ import torch
 from build_helpers import BEACON_DIM, CAL_TEXT, beacon_row, make_beacon, write_expert_file
 from safetensors.torch import load_file, save_file
 
-from composer.compose.lora_inputs import read_factors
 from composer.tiny_models import make_tiny_llama, make_tiny_lora, make_tiny_olmo2, perturb_ffn
-from merge.lora import apply_lora
+from merge.lora import apply_lora, lora_factors
 
 # Tiny models run fastest on one thread, and the machine's 2 cores are shared.
 torch.set_num_threads(1)
@@ -82,7 +82,9 @@ def _full_twin(base: Path, adapter: Path, out: Path) -> Path:
     """The full checkpoint an adapter stands for (apply_lora, checked equal to PEFT elsewhere),
     with the adapter's composer_expert.safetensors."""
     out.mkdir()
-    sd = apply_lora(load_file(base / "model.safetensors"), read_factors(adapter))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    factors = lora_factors(load_file(adapter / "adapter_model.safetensors"), config)
+    sd = apply_lora(load_file(base / "model.safetensors"), factors)
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     shutil.copy(base / "config.json", out / "config.json")
     if (adapter / "composer_expert.safetensors").is_file():

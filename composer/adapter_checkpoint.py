@@ -1,17 +1,19 @@
-"""PEFT LoRA adapters as merge inputs: an adapter seen as the full checkpoint it stands for.
+"""PEFT LoRA adapters as inputs: an adapter seen as the full checkpoint it stands for.
 
-A LoRA expert's task vector is its delta scale * B @ A (merge.lora, checked against PEFT's
-merge_and_unload), zero on every weight it does not touch. ``AdapterCheckpoint`` presents
-base + adapter through the reads the dense and calibrated executors make of a checkpoint
-(keys, meta, read, read_rows, same_bytes), so every merge method runs on LoRA experts
-unchanged and gives exactly what it gives on the checkpoint ``merge.lora.apply_lora`` would
-write. Only the factors of the tensor at hand are read; rows of the delta are computed rank by
-rank (LoraFactor.delta_rows), so a streamed block equals the same rows of the whole tensor.
+A LoRA expert's weights are base + scale * B @ A (merge.lora, checked against PEFT's
+merge_and_unload), its delta zero on every weight it does not touch. ``AdapterCheckpoint``
+presents base + adapter through every read compose and merging make of a checkpoint (keys,
+tensor_names, meta, read, read_rows, same_bytes), so a materialised compose and every merge method
+run on LoRA experts unchanged and give exactly what they give on the checkpoint
+``merge.lora.apply_lora`` would write; compose's shared-base layout takes its ``factors``. Only
+the factors of the tensor at hand are read; rows of the delta are computed rank by rank
+(LoraFactor.delta_rows), so a streamed block equals the same rows of the whole tensor.
 """
 
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +103,38 @@ class Adapter:
 class AdapterCheckpoint:
     """base + adapter, read like a Checkpoint: adapted weights are (W + delta) in W's dtype,
     summed in float32 and rounded once (as merge.lora.apply_lora); every other tensor is the
-    base's own."""
+    base's own. ``path`` is the adapter folder (its composer_expert.safetensors holds the
+    expert's router rows)."""
 
     def __init__(self, base: Checkpoint, adapter: Adapter):
         self.base, self.adapter = base, adapter
         self.path = adapter.path
 
+    @property
+    def num_layers(self) -> int:
+        return self.base.num_layers
+
     def keys(self) -> list[str]:
         return self.base.keys()
+
+    def tensor_names(self) -> list[str]:
+        return self.base.tensor_names()
 
     def __contains__(self, name: str) -> bool:
         return name in self.base
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return self.base.meta(name)
+
+    @cached_property
+    def factors(self) -> dict[str, LoraFactor]:
+        """Every adapted weight's factors (the shared-base layout stores them all), read once."""
+        out = {}
+        for w in self.adapter.weights:
+            f = self.adapter.factor(w)
+            assert f is not None
+            out[w] = f
+        return out
 
     def _applied(self, name: str, start: int, rows: torch.Tensor) -> torch.Tensor:
         f = self.adapter.factor(name)
@@ -130,11 +150,15 @@ class AdapterCheckpoint:
         return self._applied(name, start, self.base.read_rows(name, start, stop))
 
     def same_bytes(self, name: str, other: Any) -> bool:
-        """True where this expert is ``other`` (the base) bit for bit: weights not adapted."""
-        return other is self.base and name not in self.adapter.keys
+        """True where this tensor is ``other``'s bit for bit. An adapted weight counts as changed
+        (its delta is merged, never copied), so only weights the adapter leaves alone are
+        compared: with the base itself they are equal without reading."""
+        if name in self.adapter.keys:
+            return False
+        return other is self.base or self.base.same_bytes(name, other)
 
     def open_all(self) -> None:
         self.base.open_all()
 
-    def close(self) -> None:
+    def close(self) -> None:  # the base is closed by whoever opened it
         self.adapter.close()
