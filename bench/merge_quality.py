@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "plot of the curve against DARE (TIES)",
     )
     p.add_argument("--tune-steps", type=int, default=10, help="FlexOlmo router tuning steps")
+    p.add_argument(
+        "--keep-builds", action="store_true", help="reuse a finished build whose spec is unchanged"
+    )
     p.add_argument("--moe-experts", type=int, default=4, help="experts of the upcycled MoE")
     p.add_argument("--moe-steps", type=int, default=30, help="MoE training steps (0: untrained)")
     p.add_argument("--moe-tokens", type=int, default=2048, help="M-SMoE calibration tokens")
@@ -141,8 +144,12 @@ def build_spec(a: argparse.Namespace, name: str, text: str) -> Path:
 
     spec_path = a.work / "specs" / f"{name}.yaml"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(text)
     out = a.work / "builds" / name
+    same = spec_path.is_file() and spec_path.read_text() == text
+    if a.keep_builds and same and (out / "composition.json").is_file():
+        log(f"kept {name} (same spec, --keep-builds)")
+        return out
+    spec_path.write_text(text)
     shutil.rmtree(out, ignore_errors=True)
     spec = load_spec(spec_path)
     resolver = LocalPathResolver(a.work, hash_inputs=False)
