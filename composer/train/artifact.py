@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +111,25 @@ def write_expert_artifact(
         if tuple(t.shape) != tuple(tensors[name].shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)} != {tuple(tensors[name].shape)}")
         tensors[name] = t.detach().to(tensors[name].dtype).contiguous()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with replaced_folder(out_dir) as tmp:
+        tmp.mkdir()
         for f in public_dir.iterdir():
             if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json")):
                 shutil.copy2(f, tmp / f.name)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        extras_c = {k: v.detach().to(torch.float32).contiguous() for k, v in extras.items()}
-        save_file(extras_c, str(tmp / EXPERT_FILE), metadata=metadata)
+        write_extras(tmp, extras, metadata)
+    return out_dir
+
+
+@contextmanager
+def replaced_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary path beside ``out_dir`` (not created) that replaces ``out_dir`` when the block
+    succeeds (an old folder is removed only after the swap) and is removed when it fails: an
+    artifact is either the old one or the whole new one, never half-written."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
         if out_dir.exists():
             old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out_dir, old)
@@ -129,7 +140,14 @@ def write_expert_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def write_extras(
+    folder: Path, extras: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """composer_expert.safetensors (router rows, biases, domain embedding; float32)."""
+    tensors = {k: v.detach().to(torch.float32).contiguous() for k, v in extras.items()}
+    save_file(tensors, str(folder / EXPERT_FILE), metadata=dict(metadata))
 
 
 def read_expert_extras(expert_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

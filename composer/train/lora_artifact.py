@@ -14,16 +14,13 @@ atomic (temp folder, then rename), like composer.train.artifact.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from composer.train.artifact import save_file
-from registry.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPERT_FILE
+from composer.train.artifact import replaced_folder, write_extras
+from registry.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def write_lora_artifact(
@@ -57,9 +54,7 @@ def write_lora_artifact(
         for module, (a, b) in factors.items():
             for half, t in (("A", a), ("B", b)):
                 params[f"base_model.model.{module}.lora_{half}.default.weight"].copy_(t)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with replaced_folder(out_dir) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)
         cfg_path = tmp / ADAPTER_CONFIG
@@ -69,16 +64,5 @@ def write_lora_artifact(
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if not (tmp / ADAPTER_WEIGHTS).is_file():
             raise RuntimeError(f"PEFT did not write {ADAPTER_WEIGHTS}")
-        extras_c = {k: v.detach().to(torch.float32).contiguous() for k, v in extras.items()}
-        save_file(extras_c, str(tmp / EXPERT_FILE), metadata=metadata)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_extras(tmp, extras, metadata)
     return out_dir
