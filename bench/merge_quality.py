@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
                                    + "_" + label.split("(")[1].split(" ")[0], text)  # fmt: skip
     layers = layers_yaml(a, n_layers)
     for label, tune in (("as trained", ""), ("router tuned", tune_yaml(a))):
-        models[f"FlexOlmo composition ({label})"] = build_spec(a, f"flexolmo_{label[:5]}", (
+        name = "flexolmo_" + label.replace(" ", "_")
+        models[f"FlexOlmo composition ({label})"] = build_spec(a, name, (
             "method: compose\nstyle: flexolmo\nbase: smollm2\n"
             "experts: [experts/code, experts/legal, experts/manuals]\n"
             f"top_k: 2\nmoe_layers: {layers}\n"
