@@ -197,8 +197,11 @@ def tune_yaml(a: argparse.Namespace) -> str:
     return f", tune: {{proxy: {proxy}, steps: {a.tune_steps}, lr: 0.01, max_chunks: 128}}"
 
 
-def plot_em_curve(results: dict[str, dict[str, float]], path: Path) -> None:
-    """Mean held-out perplexity of Expert Merging against its steps, DARE (TIES) as a line."""
+def plot_em_curve(
+    results: dict[str, dict[str, float]], path: Path, default: tuple[int, int]
+) -> None:
+    """Mean held-out perplexity of Expert Merging against its steps (``default``: the steps and
+    tokens of the plain "Expert Merging" row), the other methods as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +209,8 @@ def plot_em_curve(results: dict[str, dict[str, float]], path: Path) -> None:
 
     mean = {k: sum(v.values()) / len(v) for k, v in results.items()}
     points: dict[int, list[tuple[int, float]]] = {}
+    if "Expert Merging" in mean:
+        points.setdefault(default[1], []).append((default[0], mean["Expert Merging"]))
     for label, m in mean.items():
         if label.startswith("Expert Merging (") and "tokens)" in label:
             steps, tokens = (int(w) for w in label.split("(")[1].replace(",", "").split()[::2])
@@ -216,9 +221,10 @@ def plot_em_curve(results: dict[str, dict[str, float]], path: Path) -> None:
         ax.plot(
             [p[0] for p in pts], [p[1] for p in pts], "o-", label=f"Expert Merging, {tokens} tok"
         )
-    for ref in ("DARE (TIES)", "TIES", "FlexOlmo composition (router tuned)"):
+    refs = ("DARE (TIES)", "TIES", "FlexOlmo composition (router tuned)", "task arithmetic")
+    for ref, colour in zip(refs, ("C3", "C2", "C4", "C7"), strict=True):
         if ref in mean:
-            ax.axhline(mean[ref], linestyle="--", label=ref, color=None)
+            ax.axhline(mean[ref], linestyle="--", label=ref, color=colour)
     ax.set_xscale("log")
     ax.set_xlabel("coefficient steps (per stage)")
     ax.set_ylabel("mean held-out perplexity")
@@ -453,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
     md.write_text(markdown(results, a, cmd, notes, wall) + f"\n![plot]({png.name})\n")
     plot(results, png, f"held-out perplexity per domain ({'smoke' if a.smoke else 'bench'})")
     if em_curve:
-        plot_em_curve(results, a.docs / f"merge_quality_em_curve{suffix}.png")
+        em_png = a.docs / f"merge_quality_em_curve{suffix}.png"
+        plot_em_curve(results, em_png, (a.em_steps, a.em_tokens))
     (a.work / "results.json").write_text(json.dumps(results, indent=2))
     print(md.read_text())
     log(f"wrote {md} and {png} ({wall / 60:.1f} min)")
