@@ -48,12 +48,15 @@ def ray_cluster() -> Iterator[str]:
     os.environ.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
     if ray.is_initialized():
         ray.shutdown()
+    # Only what ray.init starts is the cluster's: this worker may already hold other session
+    # fixtures' processes (vLLM engines, PostgreSQL), whose own teardown comes later.
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
         # "local": a new cluster even when another one on this machine is the latest started.
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         address = str(ray.get_runtime_context().gcs_address)
     finally:
-        started = psutil.Process().children(recursive=True)
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     try:
         yield address
     finally:
