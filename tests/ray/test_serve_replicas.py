@@ -35,6 +35,7 @@ from serve.ray_app import APP_NAME, REPLICA_HEADER
 from serve.replica_plan import DEPLOYMENT
 from tests.serve.server_fixtures import (
     KEYS,
+    LOCKER,
     REPO,
     VLLM_TEST_ARGS,
     free_port,
@@ -238,25 +239,6 @@ def test_an_opt_out_reaches_every_replica_within_the_refresh_interval(app: App) 
         if {json.loads(b)["experts"] == ALL for _, _, b in got} == {True}:
             break
         assert time.monotonic() < deadline
-
-
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.05)
-conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-while True:
-    try:
-        conn.execute("BEGIN EXCLUSIVE")
-        conn.execute("INSERT INTO owners (name, created_at) VALUES ('locker', '2026-01-01')")
-        break
-    except sqlite3.OperationalError:
-        conn.execute("ROLLBACK") if conn.in_transaction else None
-        time.sleep(0.01)
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-conn.close()
-"""
 
 
 def test_an_unreadable_registry_fails_closed_on_every_replica(app: App) -> None:

@@ -177,3 +177,24 @@ def tiny_llm(path: Path, **overrides: object) -> object:
         kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True, seed=0,
     )  # fmt: skip
     return LLM(model=str(path), **{**settings, **overrides})
+
+
+# A process that holds an EXCLUSIVE lock on a SQLite registry (argv: db path, seconds): the
+# fail-closed tests lock the registry under a running server.
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.05)
+conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+while True:  # the server's reads are short: grab the lock between two of them
+    try:
+        conn.execute("BEGIN EXCLUSIVE")
+        conn.execute("INSERT INTO owners (name, created_at) VALUES ('locker', '2026-01-01')")
+        break
+    except sqlite3.OperationalError:
+        conn.execute("ROLLBACK") if conn.in_transaction else None
+        time.sleep(0.01)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("ROLLBACK")
+conn.close()
+"""

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import Cli
 from tests.serve.registry_builds import guarded_build, set_policy
-from tests.serve.server_fixtures import VLLM_TEST_ARGS, Server, free_port, launch
+from tests.serve.server_fixtures import LOCKER, VLLM_TEST_ARGS, Server, free_port, launch
 
 pytestmark = pytest.mark.slow
 
@@ -270,25 +270,6 @@ def test_a_client_that_leaves_stops_its_generation(live: Live) -> None:
     )
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     assert generated < 1900, generated  # two requests of 1900 tokens each, both cut short
-
-
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=0.05)
-conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-while True:  # the server's reads are short: grab the lock between two of them
-    try:
-        conn.execute("BEGIN EXCLUSIVE")
-        conn.execute("INSERT INTO owners (name, created_at) VALUES ('locker', '2026-01-01')")
-        break
-    except sqlite3.OperationalError:
-        conn.execute("ROLLBACK") if conn.in_transaction else None
-        time.sleep(0.01)
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("ROLLBACK")
-conn.close()
-"""
 
 
 async def _burst(live: Live, n: int) -> list[tuple[int, float]]:
