@@ -29,16 +29,17 @@ $(STAMP): pyproject.toml Makefile
 # Two workers: much of the suite's wall time is engine and server start-up, which overlaps.
 # loadfile keeps each test file on one worker, so its module fixtures (servers, engines,
 # registries) start once. (loadgroup does not group with pytest 9.2 and xdist 3.8 here.)
-XDIST := -n 2 --dist loadfile
+# --no-loadscope-reorder keeps tests/conftest.py's order: files with slow tests first.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
-# The 2-replica Ray Serve tests (tests/ray/test_serve_replicas.py) take 5-8 minutes alone on 2
-# cores and one of them is not yet reliable (docs/ray.md): they run with `make test-replicas`.
 test: setup
-	$(VENV)/bin/pytest $(XDIST) -m 'not replicas' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
+# Without the end-to-end tests (engines, servers, the Ray cluster): a few minutes.
 test-fast: setup
-	$(VENV)/bin/pytest $(XDIST) -m 'not slow and not replicas' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) -m 'not slow' $(PYTEST_ARGS)
 
+# Only the 2-replica Ray Serve tests (tests/ray/test_serve_replicas.py), which `make test` runs too.
 test-replicas: setup
 	$(VENV)/bin/pytest -m replicas $(PYTEST_ARGS)
 

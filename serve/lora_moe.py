@@ -31,7 +31,7 @@ class ComposerLoraMoeForCausalLM(LlamaForCausalLM):
             block.output_hook = zero_dead_rows
             self.model.layers[i].mlp = block
             self._moe_prefixes += (f"model.layers.{i}.mlp.",)
-        install_request_masks(vllm_config)
+        install_request_masks(self, vllm_config)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """MoE-layer tensors go straight to our blocks (vLLM's Llama loader would fuse their

@@ -47,17 +47,17 @@ def _install(model: Any, vllm_config: Any) -> None:
             "(compiled graphs or CUDA graphs would freeze them)."
         )
     logger.info("Composer MoE backend: %s (%s; %s=auto|composer|vllm)", backend, why, BACKEND_ENV)
-    install_request_masks(vllm_config)
+    install_request_masks(model, vllm_config)
 
 
-def install_request_masks(vllm_config: Any) -> None:
+def install_request_masks(model: Any, vllm_config: Any) -> None:
     """Publish each step's per-token expert mask (serve/masking.py); a request without a mask
     gets the public base slots of composition.json, none if it records none (fail closed)."""
     path = vllm_config.model_config.model
     slots = read_slot_bindings(path, expert_names(path)) or []
     default = [s.index for s in slots if s.kind == "base"]
     logger.info("Composer: requests without an expert mask use experts %s", default or "none")
-    install_runner_hook(_num_experts(vllm_config.model_config.hf_config), default)
+    install_runner_hook(model, _num_experts(vllm_config.model_config.hf_config), default)
 
 
 class MaskedMixtralForCausalLM(MixtralForCausalLM):

@@ -20,6 +20,7 @@ unreadable one no expert, and a token allowed no expert gets a zero MoE output.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -36,11 +37,21 @@ MASK_VALUE = -1.0e9
 _current_mask: torch.Tensor | None = None
 # Rows of that mask that allow no expert at all: [T, 1] bool, or None when there are none.
 _current_dead: torch.Tensor | None = None
-_num_experts: int = 0
-# What a request without a mask gets: the ungoverned base slots (the public model), never all.
-_default_allowed: tuple[int, ...] = ()
-# Request id -> its allowed experts, parsed once per request rather than once per step.
-_allowed_by_req: dict[str, tuple[Any, tuple[int, ...] | None]] = {}
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """What a model's runner needs to turn requests into masks, kept on the model itself
+    (`CONFIG_ATTR`): two engines in one process (in-process vLLM) each mask with their own."""
+
+    num_experts: int
+    # What a request without a mask gets: the ungoverned base slots (the public model), never all.
+    default_allowed: tuple[int, ...] = ()
+
+
+CONFIG_ATTR = "_composer_masking"
+# On the model runner: request id -> its allowed experts, parsed once per request, not per step.
+CACHE_ATTR = "_composer_allowed_by_req"
 
 
 def resolve_allowed(
@@ -128,8 +139,12 @@ def zero_dead_rows(out: torch.Tensor) -> torch.Tensor:
 def apply_mask(router_logits: torch.Tensor) -> torch.Tensor:
     """Add the current step's mask to router logits (num_tokens, num_experts)."""
     mask = _current_mask
-    if mask is None or router_logits.shape[-1] != mask.shape[-1]:
+    if mask is None:
         return router_logits
+    if router_logits.shape[-1] != mask.shape[-1]:  # never route around a mask: fail closed
+        raise RuntimeError(
+            f"expert mask for {mask.shape[-1]} experts, router logits for {router_logits.shape[-1]}"
+        )
     n = router_logits.shape[0]
     if mask.shape[0] != n:
         if mask.shape[0] < n:  # padded batch: padding tokens stay unmasked
@@ -221,14 +236,16 @@ def _masked_gate_class(base: type) -> type:
     return _MASKED_GATE[base]
 
 
-def install_runner_hook(num_experts: int, default_allowed: Sequence[int] = ()) -> None:
-    """Wrap the V1 model runner's `_prepare_inputs` to publish each step's token mask.
+def install_runner_hook(
+    model: torch.nn.Module, num_experts: int, default_allowed: Sequence[int] = ()
+) -> None:
+    """Make the V1 model runner publish each step's token mask for `model`.
 
     `default_allowed`: the experts of a request that carries no mask (the public base slots).
+    The settings are kept on `model`; vLLM's runner class is wrapped once per process, and each
+    runner reads them from the model it runs (none: a model without masks, no mask).
     """
-    global _num_experts, _default_allowed
-    _num_experts = num_experts
-    _default_allowed = tuple(default_allowed)
+    setattr(model, CONFIG_ATTR, MaskingConfig(num_experts, tuple(default_allowed)))
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._prepare_inputs
@@ -236,22 +253,30 @@ def install_runner_hook(num_experts: int, default_allowed: Sequence[int] = ()) -
         return
 
     def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
+        config: MaskingConfig | None = getattr(self.get_model(), CONFIG_ATTR, None)
+        if config is None:
+            set_current_mask(None)
+            return original(self, scheduler_output, num_scheduled_tokens)
         req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
-        if len(_allowed_by_req) > 4 * len(req_ids) + 64:  # forget finished requests
-            for gone in set(_allowed_by_req) - set(req_ids):
-                del _allowed_by_req[gone]
+        by_req: dict[str, tuple[Any, tuple[int, ...] | None]] = self.__dict__.setdefault(
+            CACHE_ATTR, {}
+        )
+        if len(by_req) > 4 * len(req_ids) + 64:  # forget finished requests
+            for gone in set(by_req) - set(req_ids):
+                del by_req[gone]
         allowed = []
         for req_id in req_ids:
             params = getattr(self.requests.get(req_id), "sampling_params", None)
-            cached = _allowed_by_req.get(req_id)
+            cached = by_req.get(req_id)
             # Same id but another request object (ids can be client-chosen): parse again.
             if cached is None or cached[0] is not params:
                 extra = getattr(params, "extra_args", None)
-                cached = (params, resolve_allowed(extra, _num_experts, _default_allowed))
-                _allowed_by_req[req_id] = cached
+                parsed = resolve_allowed(extra, config.num_experts, config.default_allowed)
+                cached = (params, parsed)
+                by_req[req_id] = cached
             allowed.append(cached[1])
-        mask = build_token_mask(allowed, num_scheduled_tokens[: len(req_ids)], _num_experts)
-        set_current_mask(mask)
+        counts = num_scheduled_tokens[: len(req_ids)]
+        set_current_mask(build_token_mask(allowed, counts, config.num_experts))
         return original(self, scheduler_output, num_scheduled_tokens)
 
     _prepare_inputs._composer_hooked = True  # type: ignore[attr-defined]

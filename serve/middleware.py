@@ -39,7 +39,7 @@ from serve.experts import (
     select_experts,
 )
 from serve.policy import PolicyRefresher, PolicyUnavailable, expert_names, load_bindings, permitted
-from serve.request_fields import FIELDS, MAX_DEPTH, check_fields, json_depth
+from serve.request_fields import FIELDS, MAX_DEPTH, check_fields, check_headers, json_depth
 from serve.responses import HEADER, ModelsFilter, ReportingSend
 
 Scope = MutableMapping[str, Any]
@@ -166,11 +166,12 @@ class ExpertsMiddleware:
         try:
             snapshot = self._snapshot()
             key = self._authenticate(scope, snapshot)
+            check_headers(scope["headers"])
         except PolicyUnavailable as e:
             await _respond(send, *_error(503, str(e)))
             return
         except SelectionError as e:
-            await _respond(send, *_error(e.status, str(e)))
+            await _respond(send, *_error(e.status, str(e), **_extra(e)))
             return
         if scope.get("method") != "POST":
             if path == "/v1/models" and self.adapters is not None:

@@ -119,8 +119,10 @@ def step_mask(
     """
     global _step
     additive = masking.current_mask()
-    if additive is None or additive.shape[-1] != num_experts:
+    if additive is None:
         return None
+    if additive.shape[-1] != num_experts:  # never route around a mask: fail closed
+        raise RuntimeError(f"expert mask for {additive.shape[-1]} experts, layer has {num_experts}")
     key = (num_tokens, top_k, device)
     cached_for, cached = _step
     if cached_for is not None and cached_for[0] is additive and cached_for[1] == key:

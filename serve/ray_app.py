@@ -34,12 +34,17 @@ from serve.server import engine_env, prepare, vllm_argv
 
 APP_NAME = "composer"
 REPLICA_HEADER = b"x-composer-replica"
-# On a busy 2-core machine Serve's HTTP proxy misses its default 5 s readiness check and is
-# killed (docs/ray.md); these reach the Serve controller only through the environment of the
-# process that starts the cluster.
-PROXY_TIMEOUTS = {
+PROXY_START_ATTEMPTS = 3  # `serve.start` calls (each waits up to 60 s for the proxy)
+# Settings of a cluster that serves; they reach Ray only through the environment of the process
+# that starts the cluster (`ray start`, or this command's own local cluster). On a busy 2-core
+# machine Serve's HTTP proxy misses its default 5 s readiness check and is killed. And Ray runs
+# its workers at niceness 15, so replicas, their engines and the proxy would get a few percent of
+# a core beside any ordinary process on the node (measured: 3 % each beside three busy
+# processes; docs/ray.md).
+CLUSTER_ENV = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_worker_niceness": "0",
 }
 
 
@@ -156,7 +161,7 @@ def run_replicas(
     import ray
 
     own = ray_address is None
-    for name, value in PROXY_TIMEOUTS.items():
+    for name, value in CLUSTER_ENV.items():
         os.environ.setdefault(name, value)
     _stop_on_signals()  # from here on, a stop always cleans up
     deployed = False
@@ -169,7 +174,7 @@ def run_replicas(
         else:
             ray.init(address=ray_address)
         _stop_on_signals()  # Ray installs its own SIGTERM handler, which would abort the process
-        ray_serve.start(http_options={"host": host, "port": port})
+        _start_serve(host, port)
         if APP_NAME in ray_serve.status().applications:
             raise ComposerError(
                 f"Ray cluster {ray_address} already runs a `{APP_NAME}` application: Serve has "
@@ -182,6 +187,7 @@ def run_replicas(
         except RuntimeError as e:
             raise ComposerError(f"the replicas did not start: {str(e).splitlines()[0]}") from e
         _stop_on_signals()
+        _wait_for_proxy(host, port)
         print(
             f"composer serve: {plan.replicas} replicas of {settings.model_path} on "
             f"http://{host}:{port}/v1 (Ray {ray.get_runtime_context().gcs_address})",
@@ -200,6 +206,48 @@ def run_replicas(
             with contextlib.suppress(Exception):
                 ray_serve.shutdown()
         ray.shutdown()
+
+
+def _start_serve(host: str, port: int) -> None:
+    """Start Serve (controller and HTTP proxy) or join the cluster's running one.
+
+    `serve.start` waits a fixed 60 s for the proxy and then raises, while on a busy machine the
+    proxy takes longer (docs/ray.md). The controller and the proxy go on starting after that
+    error, and the next `serve.start` joins that controller at once; `_wait_for_proxy` then
+    waits for the proxy itself.
+    """
+    for attempt in range(1, PROXY_START_ATTEMPTS + 1):
+        try:
+            ray_serve.start(http_options={"host": host, "port": port})
+            return
+        except TimeoutError as e:
+            if attempt == PROXY_START_ATTEMPTS:
+                raise ComposerError(
+                    f"Ray Serve's HTTP proxy did not start within {attempt} minutes"
+                ) from e
+            print(
+                f"composer serve: Ray Serve's HTTP proxy is still starting ({attempt} min)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _wait_for_proxy(host: str, port: int, timeout: float = 600.0) -> None:
+    """Until Serve's proxy answers its health route: the endpoint is up before it is announced."""
+    import httpx
+
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{local}:{port}/-/healthz"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise ComposerError(f"Ray Serve's HTTP proxy does not answer on {url}")
+        time.sleep(1)
 
 
 def _stop_on_signals() -> None:

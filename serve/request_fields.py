@@ -5,10 +5,15 @@ Refused on purpose, among others: `use_beam_search` (vLLM builds fresh sampling 
 beam, without the mask), `vllm_xargs` keys (the server sets the mask), `kv_transfer_params` /
 `ec_transfer_params` (disaggregated-serving internals), `prompt_embeds` and multimodal payloads,
 client chat templates, `logits_processors`, client-chosen `request_id` / `priority`.
+
+Headers are refused by name where they steer the serving machinery rather than the request
+(`PROXY_HEADERS`): Ray Serve's HTTP proxy in front of `composer serve --replicas` reads them
+before any replica sees the request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from serve.experts import SelectionError
@@ -55,6 +60,16 @@ FIELDS: dict[str, frozenset[str]] = {
     "/detokenize": frozenset({"model", "tokens"}),
 }
 
+# Ray Serve's proxy honours these from any client: a timeout of 0 lifts the operator's request
+# timeout, `x-request-disconnect-disabled` keeps a generation running after its client left,
+# and the multiplexing and session headers pin requests to one replica. Refused on every server
+# (the single one too), so a request means the same behind Ray as without it. Compared as Ray
+# compares them: lower case, `-` and `_` alike.
+PROXY_HEADERS = frozenset({
+    "x_request_timeout_seconds", "x_request_disconnect_disabled", "serve_multiplexed_model_id",
+    "x_session_id",
+})  # fmt: skip
+
 MAX_DEPTH = 32  # deeper JSON is refused before any parser recurses into it
 MAX_SALT = 256
 
@@ -72,6 +87,16 @@ def json_depth(value: Any) -> int:
         elif isinstance(v, list):
             stack.extend((x, d + 1) for x in v)
     return depth
+
+
+def check_headers(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse (400, naming the header) any header in `PROXY_HEADERS`."""
+    for raw, _ in headers:
+        name = raw.decode("latin-1").lower()
+        if name.replace("-", "_") in PROXY_HEADERS:
+            raise SelectionError(
+                400, f"header `{name}` is not accepted by this server", header=name
+            )
 
 
 def check_fields(path: str, body: dict[str, Any]) -> None:

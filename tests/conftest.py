@@ -181,3 +181,20 @@ def autocast_seen() -> Iterator[set[Any]]:
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     yield seen
     handle.remove()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with slow tests first, each file's tests in their own order.
+
+    `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`: xdist hands out whole files
+    in this order, so the files that start engines and servers (minutes each) start first and
+    the quick ones fill in at the end, and both workers finish together. (xdist's default
+    reorder puts the files with the most tests first, which left the engine files to the end
+    on one worker.)
+    """
+    slow: dict[str, bool] = {}
+    for item in items:
+        file = item.nodeid.split("::")[0]
+        slow[file] = slow.get(file, False) or item.get_closest_marker("slow") is not None
+    first = {file: i for i, file in enumerate(slow)}
+    items.sort(key=lambda it: (not slow[it.nodeid.split("::")[0]], first[it.nodeid.split("::")[0]]))

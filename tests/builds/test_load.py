@@ -10,27 +10,17 @@ file the two would run different models (tests/serve covers the biased engine).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 from build_helpers import build_text, config, load_model
 
-from tests.serve.server_fixtures import offline_request
+from tests.serve.server_fixtures import greedy_tokens, offline_request, tiny_llm
 
 pytestmark = pytest.mark.slow
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [100, 3], [42]]
 MAX_TOKENS = 8
-
-
-@torch.no_grad()
-def _transformers_greedy(folder: Path, prompt: list[int]) -> list[int]:
-    """Greedy decoding without a KV cache or stopping: argmax of the last position, 8 times."""
-    model = load_model(folder)
-    ids = list(prompt)
-    for _ in range(MAX_TOKENS):
-        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 def test_vllm_serves_the_composition_like_transformers(models: Path, tmp_path: Path) -> None:
@@ -41,20 +31,10 @@ def test_vllm_serves_the_composition_like_transformers(models: Path, tmp_path: P
     out = build_text(models, tmp_path / "flex", text).out_dir
     assert not (out / "composer_router.safetensors").exists()
     assert config(out)["composer_dense_layers"] == [0]
-    want = [_transformers_greedy(out, p) for p in PROMPTS]
+    model = load_model(out)
+    want = [greedy_tokens(model, p, MAX_TOKENS) for p in PROMPTS]
 
-    from vllm import LLM
-
-    llm = LLM(
-        model=str(out),
-        dtype="float32",
-        max_model_len=256,
-        enforce_eager=True,
-        block_size=32,
-        kv_cache_memory_bytes=64 << 20,
-        skip_tokenizer_init=True,  # tiny checkpoints have no tokenizer
-        seed=0,
-    )
+    llm: Any = tiny_llm(out, skip_tokenizer_init=True)  # tiny checkpoints have no tokenizer
     try:
         requests = [
             offline_request(

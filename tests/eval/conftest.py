@@ -22,6 +22,7 @@ from typer.testing import CliRunner, Result
 from cli.main import app
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from composer.tiny_moe import write_tiny_tokenizer
+from tests.serve.server_fixtures import in_process_engine
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 64
@@ -110,4 +111,6 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Evaluated]:
     out = make_build(cli, root)
     settings = EngineSettings(dtype=serving_dtype(), max_model_len=SEQ_LEN + 1)
     with open_engine(out, cli.db_url, settings) as engine:
+        with in_process_engine(out):  # only while it starts: later engines keep their default
+            engine.llm  # noqa: B018 (starts the engine)
         yield Evaluated(cli, out, data_args(), engine)

@@ -10,7 +10,6 @@ runs point at it with --server, so the module costs one engine start.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,18 +40,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("harness")
     cli = InProcessCli(root / "home", f"sqlite:///{root / 'registry.db'}")
     build = make_build(cli, root)
-    env = {"COMPOSER_HOME": str(cli.home), "COMPOSER_DATABASE_URL": cli.db_url}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPOSER_HOME", str(cli.home))
+        mp.setenv("COMPOSER_DATABASE_URL", cli.db_url)
         with local_server("evaluated", "evaluated", root / "serve.log", 256, 64 << 20) as server:
             yield Served(cli, build, server)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _eval(served: Served, *args: str | Path, ok: bool = True) -> tuple[int, str]:

@@ -1,12 +1,12 @@
-"""A real local Ray cluster for the tests in tests/ray, one per test session (per xdist worker).
+"""A real local Ray cluster for the tests in tests/ray, one per test file.
 
-``ray_cluster`` (session scope) starts it with ``ray.init(num_cpus=2)`` in the test process and
+``ray_cluster`` (module scope) starts it with ``ray.init(num_cpus=2)`` in the test process and
 returns its address (``host:port`` of the GCS), so a test can also point a ``composer``
 subprocess at it (``--ray-address``). Tests in the same process simply use Ray: it is
-initialised. At the end of the session it is shut down, and the fixture fails if any process
+initialised. At the end of the file it is shut down, and the fixture fails if any process
 the cluster started (GCS, raylet, workers) is still running: ``make test`` leaves no Ray
-processes behind. Serve's proxy timeouts are raised as /work/shared/ENVIRONMENT.md says (the
-proxy misses the 5 s readiness check on a busy 2-core machine).
+processes behind. The cluster gets the settings `composer serve --replicas` gives its own
+(serve/ray_app.py CLUSTER_ENV).
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from serve.ray_app import CLUSTER_ENV
+
 RAY_ENV = {
-    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    # What `composer serve --replicas` sets for its own cluster: Serve's proxy timeouts, and
+    # replicas and their engines at the niceness of the other xdist worker's engines rather than
+    # Ray's 15 (starved, they took minutes to start).
+    **CLUSTER_ENV,
     "RAY_USAGE_STATS_ENABLED": "0",
     # The raylet registers within 30 s by default; on a loaded 2-core machine it took longer.
     "RAY_raylet_start_wait_time_s": "180",
@@ -40,7 +44,9 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
-@pytest.fixture(scope="session")
+# Module scope: a cluster idles at about a fifth of a core (GCS, raylet, Serve's controller and
+# proxy, idle workers), which the rest of a 2-core test session would pay for minutes.
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
     import ray
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from composer.tiny_moe import make_tiny_moe, prune_expert
 from registry.models import Policy
@@ -39,10 +40,9 @@ from tests.serve.server_fixtures import (
     REPO,
     VLLM_TEST_ARGS,
     free_port,
+    greedy_tokens,
     make_registry,
-    offline_request,
     set_policy,
-    tiny_llm,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.replicas]
@@ -131,10 +131,13 @@ def _tail(served: App) -> str:
 
 
 async def _fire(
-    served: App, jobs: list[tuple[list[int], Any]], concurrency: int = 16
+    served: App,
+    jobs: list[tuple[list[int], Any]],
+    concurrency: int = 16,
+    extra: dict[str, Any] | None = None,
 ) -> list[tuple[int, str, str]]:
-    """(status, replica, body) of each job (prompt, experts), `concurrency` at a time; a
-    transport error is status 0."""
+    """(status, replica, body) of each job (prompt, experts, plus the `extra` fields),
+    `concurrency` at a time; a transport error is status 0."""
     sem = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {KEYS['alice']}"}
     limits = httpx.Limits(max_connections=concurrency)
@@ -144,7 +147,9 @@ async def _fire(
             async with sem:
                 try:
                     r = await client.post(
-                        "/v1/completions", json=_body(prompt, experts), headers=headers
+                        "/v1/completions",
+                        json={**_body(prompt, experts), **(extra or {})},
+                        headers=headers,
                     )
                 except httpx.TransportError as e:
                     return 0, "", repr(e)
@@ -170,30 +175,31 @@ def reference(app: App) -> dict[tuple[int, int], str]:
 
 
 def test_masked_equals_pruned_on_both_replicas(app: App, tmp_path: Path) -> None:
+    """Excluding `legal` gives, on each replica, the greedy tokens of the checkpoint built
+    without it (plain transformers, float32: tests/builds/test_load.py shows a float32 engine
+    gives transformers' greedy tokens on these tiny models)."""
+    from transformers import AutoModelForCausalLM
+
     pruned_dir = prune_expert(app.model, tmp_path / "no_legal", "legal")
-    llm: Any = tiny_llm(pruned_dir)
-    try:
-        want = []
-        for prompt in PROMPTS:
-            request = offline_request(llm, prompt, None, max_tokens=8, temperature=0.0)
-            want.append(llm.generate(*request, use_tqdm=False)[0].outputs[0].text)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32).eval()
+    want = [greedy_tokens(pruned, prompt, 8) for prompt in PROMPTS]
+    tokens = {"return_token_ids": True, "ignore_eos": True}
     seen: dict[str, set[int]] = {}
     for _ in range(8):  # until both replicas have answered every prompt
         jobs = [(prompt, {"exclude": ["legal"]}) for prompt in PROMPTS] * 2
-        results = asyncio.run(_fire(app, jobs, 8))
+        results = asyncio.run(_fire(app, jobs, 8, tokens))
         for (prompt, _), (status, replica, body) in zip(jobs, results, strict=True):
             assert status == 200, body
-            assert json.loads(body)["experts"] == ["public", "code", "math"]
-            assert _text(body) == want[PROMPTS.index(prompt)], (replica, prompt)
+            answer = json.loads(body)
+            assert answer["experts"] == ["public", "code", "math"]
+            assert answer["choices"][0]["token_ids"] == want[PROMPTS.index(prompt)], replica
             seen.setdefault(replica, set()).add(PROMPTS.index(prompt))
         if len(seen) == 2 and all(len(v) == len(PROMPTS) for v in seen.values()):
             break
     assert len(seen) == 2 and all(len(v) == len(PROMPTS) for v in seen.values()), seen
     # The mask matters: the full model answers differently somewhere.
-    full = [app.complete(prompt, None).json()["choices"][0]["text"] for prompt in PROMPTS]
-    assert full != want
+    full = asyncio.run(_fire(app, [(prompt, None) for prompt in PROMPTS], 8, tokens))
+    assert [json.loads(body)["choices"][0]["token_ids"] for _, _, body in full] != want
 
 
 def test_200_mixed_requests_16_at_a_time_without_a_failure(
@@ -262,19 +268,36 @@ def test_an_unreadable_registry_fails_closed_on_every_replica(app: App) -> None:
         time.sleep(0.5)
 
 
-# Requests the middleware refuses before vLLM sees them: (path, body, key).
-ATTACKS: list[tuple[str, Any, str | None]] = [
+# Requests the middleware refuses before vLLM sees them: (path, body, key, extra headers). The
+# headers are those Ray Serve's proxy itself acts on (no timeout, no abort on disconnect, one
+# replica): the proxy has read them, and the replica's middleware refuses the request.
+ATTACKS: list[tuple[str, Any, str | None, dict[str, str]]] = [
     ("/v1/completions", {**_body(PROMPTS[0]), "vllm_xargs": {"composer_allowed_experts": [0]}},
-     "bob"),
-    ("/v1/completions", {**_body(PROMPTS[0]), "use_beam_search": True, "n": 2}, "alice"),
-    ("/v1/completions", _body(PROMPTS[0], {"include": ["code", "math"]}), "bob"),
-    ("/v1/completions", _body(PROMPTS[0], {"include": ["nosuch"]}), "bob"),
-    ("/v1/completions", _body(PROMPTS[0], {"exclude": ALL}), "alice"),
-    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "alice"),
-    ("/v1/completions", _body(PROMPTS[0]), None),
-    ("/v1/models", None, None),
-    ("/v1/responses", {"model": "flexmix", "input": "hello"}, "alice"),
+     "bob", {}),
+    ("/v1/completions", {**_body(PROMPTS[0]), "use_beam_search": True, "n": 2}, "alice", {}),
+    ("/v1/completions", _body(PROMPTS[0], {"include": ["code", "math"]}), "bob", {}),
+    ("/v1/completions", _body(PROMPTS[0], {"include": ["nosuch"]}), "bob", {}),
+    ("/v1/completions", _body(PROMPTS[0], {"exclude": ALL}), "alice", {}),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "alice", {}),
+    ("/v1/completions", _body(PROMPTS[0]), None, {}),
+    ("/v1/models", None, None, {}),
+    ("/v1/responses", {"model": "flexmix", "input": "hello"}, "alice", {}),
+    ("/v1/completions", _body(PROMPTS[0]), "alice", {"x-request-timeout-seconds": "0"}),
+    ("/v1/completions", _body(PROMPTS[0]), "alice", {"x-request-disconnect-disabled": "?1"}),
+    ("/v1/completions", _body(PROMPTS[0]), "alice", {"serve_multiplexed_model_id": "m"}),
 ]  # fmt: skip
+
+
+async def _send(
+    client: httpx.AsyncClient, path: str, body: Any, key: str | None, extra: dict[str, str]
+) -> httpx.Response:
+    headers = {**_auth(key), **extra}
+    if body is None:
+        return await client.get(path, headers=headers)
+    if isinstance(body, bytes):
+        headers["content-type"] = "application/json"
+        return await client.post(path, content=body, headers=headers)
+    return await client.post(path, json=body, headers=headers)
 
 
 def test_attacks_get_the_single_servers_answers(app: App) -> None:
@@ -290,30 +313,26 @@ def test_attacks_get_the_single_servers_answers(app: App) -> None:
                              registry_url=app.registry_url, policy_ttl=TTL,
                              policy_max_staleness=MAX_STALENESS)  # fmt: skip
     local = ExpertsMiddleware(engine, settings)
-    try:
+
+    async def both() -> list[tuple[httpx.Response, httpx.Response]]:
         transport = httpx.ASGITransport(app=local)  # type: ignore[arg-type]
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://x") as in_process,
+            httpx.AsyncClient(base_url=app.base_url, timeout=120) as through_ray,
+        ):
+            return [
+                (await _send(in_process, *attack), await _send(through_ray, *attack))
+                for attack in ATTACKS
+            ]
 
-        async def in_process(path: str, body: Any, key: str | None) -> httpx.Response:
-            headers = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
-            async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
-                if body is None:
-                    return await client.get(path, headers=headers)
-                if isinstance(body, bytes):
-                    headers["content-type"] = "application/json"
-                    return await client.post(path, content=body, headers=headers)
-                return await client.post(path, json=body, headers=headers)
-
-        for path, body, key in ATTACKS:
-            want = asyncio.run(in_process(path, body, key))
-            if body is None:
-                got = httpx.get(app.base_url + path, headers=_auth(key))
-            else:
-                got = app.post(path, body, key)
-            assert 400 <= want.status_code < 500, (path, want.text)
-            assert (got.status_code, got.content) == (want.status_code, want.content), path
+    try:
+        answers = asyncio.run(both())
     finally:
         assert local.policy is not None
         local.policy.stop()
+    for (path, _, _, extra), (want, got) in zip(ATTACKS, answers, strict=True):
+        assert 400 <= want.status_code < 500, (path, want.text)
+        assert (got.status_code, got.content) == (want.status_code, want.content), (path, extra)
     restricted = app.complete(PROMPTS[0], {"include": ["math"]}, key="bob")
     unknown = app.complete(PROMPTS[0], {"include": ["nosuch"]}, key="bob")
     assert restricted.status_code == unknown.status_code == 403

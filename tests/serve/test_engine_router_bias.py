@@ -6,6 +6,7 @@ differs."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from composer.spec_load import parse_spec
 from composer.tiny_models import make_tiny_llama, perturb_ffn
 from router_train.bias_file import read_router_bias
 from router_train.biased_router import load_composed
-from tests.serve.server_fixtures import offline_request
+from tests.serve.server_fixtures import offline_request, tiny_llm
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +58,13 @@ def _hf_greedy(model: torch.nn.Module) -> list[list[int]]:
 
 def test_engine_applies_the_router_bias(composed: Path) -> None:
     from transformers import AutoModelForCausalLM
-    from vllm import LLM
 
     assert sorted(read_router_bias(composed)) == [0, 1]
     want = _hf_greedy(load_composed(composed))
     plain = _hf_greedy(AutoModelForCausalLM.from_pretrained(composed, dtype=torch.float32).eval())
     assert plain != want  # the bias changes the model
 
-    llm = LLM(
-        model=str(composed), dtype="float32", max_model_len=256, enforce_eager=True,
-        block_size=32, kv_cache_memory_bytes=64 << 20, seed=0, skip_tokenizer_init=True,
-    )  # fmt: skip
+    llm: Any = tiny_llm(composed, skip_tokenizer_init=True)
     try:
         requests = [
             offline_request(llm, p, None, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

@@ -116,6 +116,30 @@ def test_errors_are_json_and_never_reach_the_app(client: TestClient) -> None:
     assert r.status_code == 403 and r.json()["error"]["available"] == NAMES
 
 
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("x-request-timeout-seconds", "0"),
+        ("X-Request-Disconnect-Disabled", "?1"),
+        ("x_request_disconnect_disabled", "?1"),
+        ("serve-multiplexed-model-id", "a"),
+        ("x-session-id", "sticky"),
+    ],
+)
+def test_headers_that_steer_the_proxy_are_refused(
+    client: TestClient, name: str, value: str
+) -> None:
+    """Ray Serve's proxy would act on these (no timeout, no abort on disconnect, one replica):
+    every server refuses them by name, whatever the spelling, before the app sees the request."""
+    for path in ("/v1/completions", "/tokenize"):
+        r = client.post(path, json={"prompt": [1]}, headers={name: value})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["header"] == name.lower()
+        assert "received" not in r.json()
+    assert client.post("/v1/completions", json={"prompt": [1]},
+                       headers={"x-request-id": "mine"}).status_code == 200  # fmt: skip
+
+
 def test_endpoints_that_would_bypass_the_mask_are_closed(client: TestClient) -> None:
     for path in ("/v1/responses", "/v1/messages", "/inference/v1/generate", "/v1/completions/"):
         assert client.post(path, json={"input": "x"}).status_code == 404

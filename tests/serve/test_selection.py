@@ -24,11 +24,13 @@ from serve.experts import (
 from serve.masking import (
     MASK_KEY,
     MASK_VALUE,
+    apply_mask,
     build_token_mask,
     resolve_allowed,
     set_current_mask,
     zero_dead_rows,
 )
+from serve.moe_backend import step_mask
 from serve.policy import expert_names, permitted
 
 NAMES = ["public", "code", "legal", "math"]
@@ -198,6 +200,25 @@ def test_expert_names_come_from_config(tmp_path) -> None:  # type: ignore[no-unt
     assert expert_names(tmp_path) == NAMES
     (tmp_path / "config.json").write_text(json.dumps({"num_local_experts": 2}))
     assert expert_names(tmp_path) == ["expert_0", "expert_1"]
+
+
+def test_a_mask_of_another_width_fails_closed_on_both_backends() -> None:
+    """A mask built for another model (4 experts) never leaves 3-expert logits unmasked: the
+    step fails instead (masks are per model: serve/masking.py MaskingConfig)."""
+    set_current_mask(build_token_mask([(1,)], [2], num_experts=4))
+    try:
+        with pytest.raises(RuntimeError, match="mask for 4 experts"):
+            apply_mask(torch.zeros(2, 3))
+        with pytest.raises(RuntimeError, match="mask for 4 experts"):
+            step_mask(2, 3, 2, torch.device("cpu"))
+        assert apply_mask(torch.zeros(2, 4))[0].tolist() == [
+            MASK_VALUE,
+            0.0,
+            MASK_VALUE,
+            MASK_VALUE,
+        ]
+    finally:
+        set_current_mask(None)
 
 
 def test_tokens_allowed_no_expert_get_a_zero_moe_output() -> None:
