@@ -192,9 +192,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reorder puts the files with the most tests first, which left the engine files to the end
     on one worker.)
     """
-    slow: dict[str, bool] = {}
+    slow: dict[Path, bool] = {}  # in order of first appearance
     for item in items:
-        file = item.nodeid.split("::")[0]
-        slow[file] = slow.get(file, False) or item.get_closest_marker("slow") is not None
+        slow[item.path] = slow.get(item.path, False) or item.get_closest_marker("slow") is not None
     first = {file: i for i, file in enumerate(slow)}
-    items.sort(key=lambda it: (not slow[it.nodeid.split("::")[0]], first[it.nodeid.split("::")[0]]))
+    items.sort(key=lambda it: (not slow[it.path], first[it.path]))
