@@ -80,7 +80,9 @@ def replica_plan(replicas: int | None, ray_address: str | None, **ray_options: A
             replicas=replicas, **{k: v for k, v in ray_options.items() if v is not None}
         )
     except ValidationError as e:
-        raise ComposerError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        error = e.errors()[0]
+        where = "".join(f"--{str(part).replace('_', '-')}: " for part in error["loc"])
+        raise ComposerError(where + error["msg"].removeprefix("Value error, ")) from None
 
 
 @handles_errors
@@ -137,6 +139,13 @@ def serve(
         float | None,
         typer.Option(help="Ray GPUs reserved per replica (with --replicas; default 0).", min=0),
     ] = None,
+    request_timeout_s: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds after which the Ray proxy answers 408 to an unanswered request (with "
+            "--replicas; default 600).",
+        ),
+    ] = None,
     vllm_args: Annotated[
         list[str] | None, typer.Argument(help="Extra vLLM server arguments, after `--`.")
     ] = None,
@@ -150,6 +159,7 @@ def serve(
     plan = replica_plan(
         replicas, ray_address=ray_address, min_replicas=min_replicas, max_replicas=max_replicas,
         cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica,
+        request_timeout_s=request_timeout_s,
     )  # fmt: skip
     if plan is not None and adapters is not None:
         raise ComposerError("--adapters with --replicas is not supported yet: serve one of them")

@@ -174,7 +174,7 @@ def run_replicas(
         else:
             ray.init(address=ray_address)
         _stop_on_signals()  # Ray installs its own SIGTERM handler, which would abort the process
-        _start_serve(host, port)
+        _start_serve(plan.http_options(host, port))
         if APP_NAME in ray_serve.status().applications:
             raise ComposerError(
                 f"Ray cluster {ray_address} already runs a `{APP_NAME}` application: Serve has "
@@ -208,7 +208,7 @@ def run_replicas(
         ray.shutdown()
 
 
-def _start_serve(host: str, port: int) -> None:
+def _start_serve(http_options: dict[str, Any]) -> None:
     """Start Serve (controller and HTTP proxy) or join the cluster's running one.
 
     `serve.start` waits a fixed 60 s for the proxy and then raises, while on a busy machine the
@@ -218,8 +218,8 @@ def _start_serve(host: str, port: int) -> None:
     """
     for attempt in range(1, PROXY_START_ATTEMPTS + 1):
         try:
-            ray_serve.start(http_options={"host": host, "port": port})
-            return
+            ray_serve.start(http_options=http_options)
+            break
         except TimeoutError as e:
             if attempt == PROXY_START_ATTEMPTS:
                 raise ComposerError(
@@ -230,6 +230,24 @@ def _start_serve(host: str, port: int) -> None:
                 file=sys.stderr,
                 flush=True,
             )
+    _check_running_options(http_options)
+
+
+def _check_running_options(wanted: dict[str, Any]) -> None:
+    """Refuse a cluster whose Serve already runs with other proxy options: Serve keeps the first
+    ones and only logs a warning, so this command would announce the wrong endpoint, or a request
+    timeout the proxy does not apply."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    differ = {k: getattr(running, k) for k, v in wanted.items() if getattr(running, k) != v}
+    if differ:
+        have = ", ".join(f"{k}={v!r}" for k, v in differ.items())
+        asked = ", ".join(f"{k}={wanted[k]!r}" for k in differ)
+        raise ComposerError(
+            f"this Ray cluster's Serve already runs with {have}, not {asked}: pass those options "
+            f"to composer serve, or restart Serve on the cluster (`serve shutdown`)"
+        )
 
 
 def _wait_for_proxy(host: str, port: int, timeout: float = 600.0) -> None:

@@ -1,7 +1,8 @@
 """How many Ray Serve replicas `composer serve --replicas N` runs and what each reserves.
 
 Kept apart from serve/ray_app.py so that the CLI checks the options without importing Ray; the
-fields map one to one to Ray Serve deployment options (`deployment_options`).
+fields map one to one to Ray Serve's deployment options (`deployment_options`) and HTTP proxy
+options (`http_options`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class ReplicaPlan(BaseModel):
     gpus_per_replica: float = Field(default=0.0, ge=0)
     # vLLM batches what it is given: Serve's default of 5 in flight per replica would starve it.
     max_ongoing_requests: int = Field(default=64, ge=1)
+    # Serve's proxy answers 408 to a request still unanswered after this long, whatever held it
+    # (a replica that died under it, a queue behind a restarting one): no request hangs forever.
+    # Serve's own default is no limit. Clients cannot lift it (serve.request_fields.PROXY_HEADERS).
+    request_timeout_s: float = Field(default=600.0, gt=0)
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicaPlan:
@@ -46,6 +51,10 @@ class ReplicaPlan(BaseModel):
     @property
     def autoscaling(self) -> bool:
         return self.min_replicas is not None or self.max_replicas is not None
+
+    def http_options(self, host: str, port: int) -> dict[str, Any]:
+        """Serve's HTTP proxy options (`serve.start`)."""
+        return {"host": host, "port": port, "request_timeout_s": self.request_timeout_s}
 
     def deployment_options(self) -> dict[str, Any]:
         actor: dict[str, Any] = {"num_cpus": self.cpus_per_replica}

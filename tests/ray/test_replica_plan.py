@@ -26,6 +26,16 @@ def test_fixed_replicas_map_to_num_replicas_and_actor_resources() -> None:
     assert options["max_ongoing_requests"] == 64
 
 
+def test_the_proxy_bounds_every_request_by_default() -> None:
+    """Serve's own default is no request timeout: a request whose replica died under it could
+    wait forever. The plan always gives the proxy one."""
+    assert ReplicaPlan(replicas=2).http_options("0.0.0.0", 9000) == {
+        "host": "0.0.0.0", "port": 9000, "request_timeout_s": 600.0,
+    }  # fmt: skip
+    plan = ReplicaPlan(replicas=1, request_timeout_s=5)
+    assert plan.http_options("h", 1)["request_timeout_s"] == 5
+
+
 def test_bounds_map_to_serves_autoscaling_config() -> None:
     options = ReplicaPlan(replicas=2, min_replicas=1, max_replicas=4).deployment_options()
     assert "num_replicas" not in options
@@ -48,6 +58,9 @@ def test_bounds_map_to_serves_autoscaling_config() -> None:
          "--replicas 3 must lie within --min-replicas 3 and --max-replicas 2"),
         (["--replicas", "1", "--min-replicas", "2"],
          "--replicas 1 must lie within --min-replicas 2 and --max-replicas 1"),
+        (["--request-timeout-s", "5"], "--request-timeout-s only apply with --replicas N"),
+        (["--replicas", "2", "--request-timeout-s", "0"],
+         "--request-timeout-s: Input should be greater than 0"),
         (["--replicas", "2", "--adapters", "code"],
          "--adapters with --replicas is not supported yet"),
     ],

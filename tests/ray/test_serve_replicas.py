@@ -4,11 +4,13 @@ talk to its one endpoint.
 
 Covered: masked == pruned on both replicas; 200 mixed requests 16 at a time without a failure;
 a replica killed mid-load is restarted by Ray and every request either gets the right answer
-or a clean 5xx; an opt-out reaches every replica within the refresh interval, and a registry
-that cannot be read fails closed (503) on every replica; attacks get the single server's exact
-answers (the same middleware, run in-process here for reference). The cluster is
-tests/ray/conftest.py's `ray_cluster`: at the end no process it started, replicas and engines
-included, is left. One cluster, one application, one offline engine (the pruned model).
+or a clean 5xx or the proxy's 408 (its request timeout, which `--replicas` always sets); a second
+server's options that the running proxy does not have are refused; an opt-out reaches every
+replica within the refresh interval, and a registry that cannot be read fails closed (503) on
+every replica; attacks get the single server's exact answers (the same middleware, run
+in-process here for reference). The cluster is tests/ray/conftest.py's `ray_cluster`: at the end
+no process it started, replicas and engines included, is left. One cluster and one application;
+the pruned model's reference tokens come from plain transformers.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ MASKS: list[dict[str, list[str]] | None] = [
 ]  # fmt: skip
 TTL = 0.5
 MAX_STALENESS = 4.0
+# The proxy's request timeout: below the client's 180 s, so a request a killed replica held gets
+# the proxy's 408 rather than a client-side timeout (CI once saw one such request wait 180 s).
+REQUEST_TIMEOUT = 90.0
 REPLICA = REPLICA_HEADER.decode()
 
 
@@ -65,6 +70,7 @@ class App:
     log: Path
     registry_url: str
     model: Path
+    port: int
 
     def post(self, path: str, body: Any, key: str | None = "alice") -> httpx.Response:
         headers = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
@@ -95,14 +101,15 @@ def app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         sys.executable, "-m", "cli.main", "serve", str(model), "--replicas", "2",
         "--ray-address", ray_cluster, "--port", str(port), "--api-keys", "on",
         "--served-model-name", "flexmix", "--policy-ttl", str(TTL),
-        "--policy-max-staleness", str(MAX_STALENESS), "--", *VLLM_TEST_ARGS,
+        "--policy-max-staleness", str(MAX_STALENESS), "--request-timeout-s", str(REQUEST_TIMEOUT),
+        "--", *VLLM_TEST_ARGS,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "COMPOSER_HOME": str(root / "home"),
            "COMPOSER_DATABASE_URL": url}  # fmt: skip
     log = root / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    served = App(proc, f"http://127.0.0.1:{port}", log, url, model)
+    served = App(proc, f"http://127.0.0.1:{port}", log, url, model, port)
     try:
         _wait_ready(served, timeout=600)
         yield served
@@ -339,6 +346,38 @@ def test_attacks_get_the_single_servers_answers(app: App) -> None:
     assert restricted.text.replace("math", "X") == unknown.text.replace("nosuch", "X")
 
 
+def test_a_second_server_on_the_cluster_is_refused(app: App) -> None:
+    """Serve has one endpoint per cluster, and it keeps the options it was started with (a later
+    `serve.start` only logs a warning): the proxy has the command's request timeout, and a second
+    `composer serve --replicas` that asks for another port or timeout is refused before it
+    announces an endpoint or a timeout the proxy does not have. Checked against the running
+    cluster with the command's own check (a subprocess would cost an import of vLLM and Ray)."""
+    from ray.serve.context import _get_global_client
+
+    from registry.errors import ComposerError
+    from serve.ray_app import _check_running_options
+    from serve.replica_plan import ReplicaPlan
+
+    assert _get_global_client().http_config.request_timeout_s == REQUEST_TIMEOUT
+    same = ReplicaPlan(replicas=1, request_timeout_s=REQUEST_TIMEOUT)
+    _check_running_options(same.http_options("127.0.0.1", app.port))  # the fixture's: accepted
+    with pytest.raises(ComposerError) as refused:
+        _check_running_options(ReplicaPlan(replicas=1).http_options("127.0.0.1", app.port + 1))
+    assert (
+        f"already runs with port={app.port}, request_timeout_s={REQUEST_TIMEOUT}, not "
+        f"port={app.port + 1}, request_timeout_s=600.0" in str(refused.value)
+    )
+    # The running application and its two replicas were left alone.
+    assert _replica_states() == {"RUNNING": 2}
+    assert app.complete(PROMPTS[0]).status_code == 200
+
+
+def _replica_states() -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states)
+
+
 def _auth(key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
 
@@ -350,7 +389,6 @@ def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
     gets the right answer or a clean 5xx (counted), and Ray starts a new replica that then
     answers correctly. Runs last in this file: it costs an engine start."""
     import ray
-    from ray import serve
 
     replicas = {r for _, r, _ in asyncio.run(_fire(app, [(PROMPTS[0], None)] * 16, 8))}
     assert len(replicas) == 2
@@ -372,8 +410,9 @@ def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
         if status == 200:
             assert _text(body) == reference[pick], (pick, replica)
             outcome["ok"] += 1
-        else:
-            assert 500 <= status < 600 and '"choices"' not in body, (status, body)
+        else:  # 408: the proxy's request timeout ended a request the killed replica held
+            clean = status == 408 or 500 <= status < 600
+            assert clean and '"choices"' not in body, (status, body)
             outcome[f"{status}"] += 1
     print(f"requests while a replica was killed: {dict(outcome)}")
     assert outcome["ok"] >= len(picks) // 2, outcome
@@ -387,7 +426,7 @@ def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
         results = asyncio.run(_fire(app, jobs, 8))
         for pick, (status, replica, body) in zip(picks, results, strict=True):
             if status != 200:  # the proxy may still be learning that the victim is gone
-                assert 500 <= status < 600, (status, body)
+                assert status == 408 or 500 <= status < 600, (status, body)
                 outcome[f"{status} after"] += 1
                 continue
             assert _text(body) == reference[pick], (pick, replica)
@@ -395,6 +434,4 @@ def test_a_killed_replica_is_restarted_and_no_answer_is_wrong(
         time.sleep(1)
     assert victim not in seen, seen
     print(f"until the new replica answered: {dict(outcome)}")
-    assert serve.status().applications[APP_NAME].deployments[DEPLOYMENT].replica_states == {
-        "RUNNING": 2
-    }
+    assert _replica_states() == {"RUNNING": 2}

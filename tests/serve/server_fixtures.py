@@ -172,13 +172,20 @@ def offline_request(
 def greedy_tokens(model: Any, prompt: Sequence[int], steps: int) -> list[int]:
     """Plain transformers greedy decoding: argmax of the last position, `steps` times, without a
     KV cache or stopping (what a float32 vLLM engine gives at temperature 0 on tiny models)."""
+    return greedy_decode(model, prompt, steps)[0]
+
+
+def greedy_decode(model: Any, prompt: Sequence[int], steps: int) -> tuple[list[int], list[float]]:
+    """`greedy_tokens` and the log-probability of each chosen token (vLLM's `logprobs=0`)."""
     import torch
 
-    ids = list(prompt)
+    ids, logprobs = list(prompt), []
     with torch.no_grad():
         for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
+            last = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+            ids.append(int(last.argmax()))
+            logprobs.append(float(last[ids[-1]]))
+    return ids[len(prompt) :], logprobs
 
 
 # Offline test engines run inside the test process: vLLM's engine-core and worker processes

@@ -2,7 +2,9 @@
 
 Exactness: masking an expert per request gives the greedy tokens of the checkpoint physically
 pruned of that expert, for Mixtral (top-k then renormalise) and FlexOlmo (softmax over all
-experts, no renormalisation); batching and the prefix cache do not mix masks.
+experts, no renormalisation); batching and the prefix cache do not mix masks. The pruned
+checkpoint's answers come from plain transformers in float32 (tests/builds/test_load.py shows
+that a float32 engine gives transformers' greedy tokens on these tiny models): no second engine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pytest
 
 from composer.tiny_moe import prune_expert
 from tests.serve.conftest import EnginePool
-from tests.serve.server_fixtures import offline_request, tiny_llm
+from tests.serve.server_fixtures import greedy_decode, greedy_tokens, offline_request
 
 pytestmark = pytest.mark.slow
 
@@ -24,22 +26,20 @@ MAX_TOKENS = 12
 LONG_PREFIX = [(17 * i + 3) % 250 + 3 for i in range(80)]
 
 
-def _shutdown(llm: Any) -> None:
-    llm.llm_engine.engine_core.shutdown()
-
-
 @pytest.fixture(scope="module", params=["mixtral", "flexolmo"])
 def engines(
     request: pytest.FixtureRequest,
     engine_pool: EnginePool,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     kind = request.param
     full_dir = engine_pool.model(kind)  # slot 0 is the public base, the others registered
     pruned_dir = prune_expert(full_dir, tmp_path_factory.mktemp(kind) / "no_legal", "legal")
-    full, pruned = engine_pool.engine(kind, "vllm"), tiny_llm(pruned_dir)
-    yield kind, full, pruned
-    _shutdown(pruned)
+    pruned = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32).eval()
+    yield kind, engine_pool.engine(kind, "vllm"), pruned
 
 
 def generate(
@@ -65,7 +65,7 @@ NO_LEGAL = ["public", "code", "math"]
 
 def test_excluding_an_expert_equals_the_model_built_without_it(engines: tuple) -> None:
     kind, full, pruned = engines
-    want = generate(pruned, PROMPTS, None)
+    want = [greedy_tokens(pruned, p, MAX_TOKENS) for p in PROMPTS]
     got = generate(full, PROMPTS, NO_LEGAL)
     assert got == want, kind
     # The mask matters: the unmasked model answers differently on some prompt.
@@ -98,14 +98,15 @@ def _logprobs(out: Any) -> list[float]:
 def test_prefix_cache_never_leaks_an_excluded_expert(engines: tuple) -> None:
     _, full, pruned = engines
     question = LONG_PREFIX + [9, 8, 7]
-    cold = _run(pruned, question, None)  # a cold request on the model built without "legal"
+    # The model built without "legal" (no cache at all): its tokens and their log-probabilities.
+    cold_tokens, cold = greedy_decode(pruned, question, MAX_TOKENS)
     # Caches the prefix with "legal" active (unsalted, for the positive control below).
     warm = _run(full, LONG_PREFIX + [1, 2], None, salted=False)
     assert warm.num_cached_tokens == 0
     masked = _run(full, question, NO_LEGAL)
     assert masked.num_cached_tokens == 0  # its own salt: the warm blocks are not reused
-    assert list(masked.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
-    assert _logprobs(masked) == pytest.approx(_logprobs(cold), abs=1e-4)
+    assert list(masked.outputs[0].token_ids) == cold_tokens
+    assert _logprobs(masked) == pytest.approx(cold, abs=1e-4)
     # Requests with the same mask still share the prefix cache.
     again = _run(full, LONG_PREFIX + [4], NO_LEGAL)
     assert again.num_cached_tokens >= 64
@@ -113,7 +114,7 @@ def test_prefix_cache_never_leaks_an_excluded_expert(engines: tuple) -> None:
     # and its numbers drift from the cold answer; the salt is what keeps them exact.
     leaked = _run(full, question, NO_LEGAL, salted=False)
     assert leaked.num_cached_tokens >= 64
-    drift = max(abs(a - b) for a, b in zip(_logprobs(leaked), _logprobs(cold), strict=True))
+    drift = max(abs(a - b) for a, b in zip(_logprobs(leaked), cold, strict=True))
     assert drift > 1e-3
 
 
