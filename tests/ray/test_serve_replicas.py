@@ -66,14 +66,17 @@ REPLICA = REPLICA_HEADER.decode()
 @dataclass
 class App:
     proc: subprocess.Popen[bytes]
-    base_url: str
+    port: int
     log: Path
     registry_url: str
     model: Path
-    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def post(self, path: str, body: Any, key: str | None = "alice") -> httpx.Response:
-        headers = {"Authorization": f"Bearer {KEYS[key]}"} if key else {}
+        headers = _auth(key)
         if isinstance(body, bytes):
             headers["content-type"] = "application/json"
             return httpx.post(self.base_url + path, content=body, headers=headers, timeout=120)
@@ -109,7 +112,7 @@ def app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     log = root / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    served = App(proc, f"http://127.0.0.1:{port}", log, url, model, port)
+    served = App(proc, port, log, url, model)
     try:
         _wait_ready(served, timeout=600)
         yield served
@@ -146,7 +149,7 @@ async def _fire(
     """(status, replica, body) of each job (prompt, experts, plus the `extra` fields),
     `concurrency` at a time; a transport error is status 0."""
     sem = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    headers = _auth("alice")
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=served.base_url, timeout=180, limits=limits) as client:
 
